@@ -1,0 +1,19 @@
+//! `flexnbd break`: stop a running migration.
+
+use super::Global;
+use std::path::PathBuf;
+
+/// Stop the migration running on the server with control socket SOCK.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Args {
+    /// The control socket of the server whose migration to stop.
+    #[arg(short = 's', long, value_name = "SOCK")]
+    pub sock: PathBuf,
+    #[command(flatten)]
+    pub global: Global,
+}
+
+pub fn run(args: Args) -> anyhow::Result<i32> {
+    args.global.apply();
+    anyhow::bail!("break is not available yet")
+}

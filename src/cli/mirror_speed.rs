@@ -1,0 +1,22 @@
+//! `flexnbd mirror-speed`: change the speed limit of a running migration.
+
+use super::Global;
+use std::path::PathBuf;
+
+/// Change the speed limit of the migration running on the server with control socket SOCK.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Args {
+    /// The control socket of the migrating server.
+    #[arg(short = 's', long, value_name = "SOCK")]
+    pub sock: PathBuf,
+    /// The new limit in bytes per second (0 removes the limit).
+    #[arg(long, value_name = "BYTES_PER_SEC")]
+    pub max_speed: u64,
+    #[command(flatten)]
+    pub global: Global,
+}
+
+pub fn run(args: Args) -> anyhow::Result<i32> {
+    args.global.apply();
+    anyhow::bail!("mirror-speed is not available yet")
+}

@@ -1,0 +1,61 @@
+//! `flexnbd serve`: serve a file over NBD until signalled or migrated away.
+
+use super::Global;
+use crate::addr::{parse_ip, parse_port};
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+/// Options shared by `serve` and `listen`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeOpts {
+    /// The address to listen on (IPv4 or IPv6; `0` means all IPv4 addresses; a path
+    /// containing `/` is taken as a unix socket).
+    #[arg(short = 'l', long, value_name = "ADDR")]
+    pub addr: Option<String>,
+    /// The port to listen on.
+    #[arg(short = 'p', long, value_name = "PORT", value_parser = port_arg)]
+    pub port: Option<u16>,
+    /// The file to serve. Must already exist.
+    #[arg(short = 'f', long, value_name = "FILE")]
+    pub file: PathBuf,
+    /// Path to a control socket to open (for status, acl, mirror and break).
+    #[arg(short = 's', long, value_name = "SOCK")]
+    pub sock: Option<PathBuf>,
+    /// An empty access control list lets no client connect.
+    #[arg(short = 'd', long)]
+    pub default_deny: bool,
+    /// Also listen on this unix socket (for nbd+unix:// clients).
+    #[arg(long, value_name = "PATH")]
+    pub unix: Option<PathBuf>,
+    /// Serve the file read-only.
+    #[arg(short = 'r', long)]
+    pub read_only: bool,
+    /// Speak the old-style handshake of the original C flexnbd instead of fixed newstyle.
+    #[arg(long)]
+    pub oldstyle: bool,
+    #[command(flatten)]
+    pub global: Global,
+    /// Access control list entries: IP or IP/prefix, IPv4 or IPv6.
+    #[arg(value_name = "ACL_ENTRY")]
+    pub acl: Vec<String>,
+}
+
+/// Serve a file. With ACL entries, only the listed clients may connect.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    pub opts: ServeOpts,
+}
+
+pub fn port_arg(s: &str) -> Result<u16, String> {
+    parse_port(s).map_err(|e| e.to_string())
+}
+
+pub fn ip_arg(s: &str) -> Result<IpAddr, String> {
+    parse_ip(s).map_err(|e| e.to_string())
+}
+
+pub fn run(args: Args) -> anyhow::Result<i32> {
+    args.opts.global.apply();
+    crate::daemon::run(crate::daemon::Mode::Serve, &args.opts, None)
+}
