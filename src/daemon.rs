@@ -1,7 +1,25 @@
-//! Wiring: builds the export, starts listeners, control socket and mirror; handles signals.
+//! Wiring: builds the export, starts listeners and the control socket, waits
+//! for signals, and shuts down cleanly.
 
+use crate::acl::{Acl, AclEntry};
+use crate::addr::Endpoint;
 use crate::cli::listen::Rebind;
 use crate::cli::serve::ServeOpts;
+use crate::control::server::ControlServer;
+use crate::control::{Handler, MirrorRequest, Reply, Status};
+use crate::export::Export;
+use crate::server::{Admission, Bound, Config, End, Listener, Server};
+use anyhow::{anyhow, bail, Context};
+use signal_hook::consts::{SIGINT, SIGQUIT, SIGTERM};
+use signal_hook::iterator::Signals;
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How long clients get to finish their in-flight requests at shutdown.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -9,6 +27,276 @@ pub enum Mode {
     Listen,
 }
 
-pub fn run(_mode: Mode, _opts: &ServeOpts, _rebind: Option<Rebind>) -> anyhow::Result<i32> {
-    anyhow::bail!("not yet")
+/// Things the main thread waits for.
+#[derive(Debug)]
+enum Event {
+    Signal(i32),
+    /// An incoming migration completed: this server now owns the image.
+    ControlArrived,
+}
+
+/// `FILE.INCOMPLETE`, present while a listener has not received a whole migration.
+pub fn marker_path(file: &Path) -> PathBuf {
+    let mut p = file.as_os_str().to_owned();
+    p.push(".INCOMPLETE");
+    PathBuf::from(p)
+}
+
+/// Reacts to the end of an incoming migration's session.
+fn on_migration_end(e: &crate::server::SessionEnd, tx: &mpsc::Sender<Event>) {
+    if !e.migration {
+        return;
+    }
+    match &e.end {
+        End::Disconnect if e.missing == 0 => {
+            info!("migration received completely");
+            let _ = tx.send(Event::ControlArrived);
+        }
+        End::Disconnect => warn!(
+            "sender disconnected having left {} bytes of the image unwritten; waiting for a new sender",
+            e.missing
+        ),
+        End::Closed => warn!("sender went away before finishing; waiting for it to reconnect"),
+        End::Error(err) => warn!("migration connection failed ({err}); waiting for the sender to reconnect"),
+    }
+}
+
+/// Binds `ep`, retrying every second until it works or a signal arrives.
+fn bind_retrying(ep: &Endpoint, rx: &mpsc::Receiver<Event>) -> Result<Bound, i32> {
+    let mut logged = false;
+    loop {
+        match Bound::bind(ep) {
+            Ok(b) => return Ok(b),
+            Err(e) => {
+                if !logged {
+                    warn!("cannot bind {ep}: {e}; retrying every second");
+                    logged = true;
+                }
+            }
+        }
+        match rx.recv_timeout(Duration::from_secs(1)) {
+            Ok(Event::Signal(s)) => {
+                info!("received signal {s} while rebinding");
+                return Err(0);
+            }
+            Ok(_) | Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => return Err(1),
+        }
+    }
+}
+
+/// The running server as the control socket sees it.
+struct Daemon {
+    server: Arc<Server>,
+    has_control: AtomicBool,
+    clients_allowed: AtomicBool,
+}
+
+impl Handler for Daemon {
+    fn status(&self) -> Status {
+        Status {
+            pid: std::process::id(),
+            size: self.server.export().size(),
+            is_mirroring: false,
+            clients_allowed: self.clients_allowed.load(SeqCst),
+            num_clients: self.server.num_clients() as u64,
+            has_control: self.has_control.load(SeqCst),
+            migration: None,
+        }
+    }
+
+    fn set_acl(&self, entries: Vec<AclEntry>) {
+        self.server.set_acl(entries);
+    }
+
+    fn start_mirror(&self, _req: MirrorRequest) -> Reply {
+        Reply::err(1, "mirroring is not supported by this server")
+    }
+
+    fn set_mirror_speed(&self, _bytes_per_sec: u64) -> Reply {
+        Reply::err(1, "Not currently mirroring")
+    }
+
+    fn break_mirror(&self) -> Reply {
+        Reply::err(1, "not mirroring")
+    }
+}
+
+/// The endpoints to listen on from `--addr`/`--port` and `--unix`.
+fn endpoints(opts: &ServeOpts) -> anyhow::Result<Vec<Endpoint>> {
+    let mut eps = Vec::new();
+    match (&opts.addr, opts.port) {
+        (Some(a), p) => {
+            let port = p.map(|p| p.to_string());
+            let ep = Endpoint::from_addr_port(a, port.as_deref()).map_err(|e| match e {
+                crate::addr::AddrError::BadPort(_) if p.is_none() => {
+                    anyhow!("--port is required with an IP address in --addr")
+                }
+                e => anyhow!(e),
+            })?;
+            eps.push(ep);
+        }
+        (None, Some(_)) => bail!("--addr is required with --port"),
+        (None, None) => {}
+    }
+    if let Some(u) = &opts.unix {
+        eps.push(Endpoint::Unix(u.clone()));
+    }
+    if eps.is_empty() {
+        bail!("--addr and --port (or --unix) are required");
+    }
+    Ok(eps)
+}
+
+pub fn run(mode: Mode, opts: &ServeOpts, rebind: Option<Rebind>) -> anyhow::Result<i32> {
+    let eps = endpoints(opts)?;
+    let acl = Acl::parse(&opts.acl, opts.default_deny)?;
+    if !opts.file.exists() {
+        bail!("{}: file does not exist", opts.file.display());
+    }
+    let export = Export::open(&opts.file, opts.read_only)
+        .with_context(|| format!("cannot open {}", opts.file.display()))?;
+    let export = Arc::new(export);
+    let server = Server::new(
+        export.clone(),
+        Config {
+            oldstyle: opts.oldstyle,
+        },
+        acl,
+    );
+
+    let (tx, rx) = mpsc::channel::<Event>();
+    let mut signals = Signals::new([SIGINT, SIGTERM, SIGQUIT]).context("cannot install signal handlers")?;
+    let signal_handle = signals.handle();
+    let stx = tx.clone();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for s in signals.forever() {
+                if stx.send(Event::Signal(s)).is_err() {
+                    break;
+                }
+            }
+        })
+        .context("cannot start the signal thread")?;
+
+    let marker = marker_path(&opts.file);
+    if mode == Mode::Listen {
+        std::fs::File::create(&marker)
+            .with_context(|| format!("cannot create {}", marker.display()))?;
+        server.set_admission(Admission::Migration);
+        let htx = tx.clone();
+        server.set_end_hook(Some(Box::new(move |e| on_migration_end(e, &htx))));
+    }
+
+    let mut bound = Vec::new();
+    for ep in &eps {
+        bound.push(Bound::bind(ep).with_context(|| format!("cannot listen on {ep}"))?);
+    }
+    let mut listeners: Vec<Listener> = Vec::new();
+    for b in bound {
+        listeners.push(b.start(server.clone())?);
+    }
+
+    let daemon = Arc::new(Daemon {
+        server: server.clone(),
+        has_control: AtomicBool::new(mode == Mode::Serve),
+        clients_allowed: AtomicBool::new(mode == Mode::Serve),
+    });
+    let control = match &opts.sock {
+        Some(p) => Some(
+            ControlServer::start(p, daemon.clone())
+                .with_context(|| format!("cannot open control socket {}", p.display()))?,
+        ),
+        None => None,
+    };
+
+    let code = loop {
+        match rx.recv() {
+            Ok(Event::Signal(s)) => {
+                info!("received signal {s}: shutting down");
+                if daemon.has_control.load(SeqCst) {
+                    break 0;
+                }
+                warn!("stopped before a migration arrived; {} stays", marker.display());
+                break 1;
+            }
+            Ok(Event::ControlArrived) => {
+                if let Err(e) = export.flush() {
+                    error!("cannot make the received image durable: {e}");
+                    break 1;
+                }
+                if let Err(e) = std::fs::remove_file(&marker) {
+                    warn!("cannot remove {}: {e}", marker.display());
+                }
+                server.set_end_hook(None);
+                server.set_admission(Admission::Clients);
+                daemon.has_control.store(true, SeqCst);
+                daemon.clients_allowed.store(true, SeqCst);
+                info!("took control of the image");
+                if let Some(r) = rebind.filter(|r| r.addr.is_some() || r.port.is_some()) {
+                    match rebind_listeners(&mut listeners, r, &server, &rx) {
+                        Ok(()) => {}
+                        Err(code) => break code,
+                    }
+                }
+            }
+            Err(_) => break 1,
+        }
+    };
+
+    for l in listeners {
+        l.stop();
+    }
+    server.begin_shutdown();
+    if !server.wait_idle(DRAIN_TIMEOUT) {
+        warn!("clients still connected after {DRAIN_TIMEOUT:?}; exiting anyway");
+    }
+    export.gate().shut();
+    if let Err(e) = export.flush() {
+        error!("final flush failed: {e}");
+        return Ok(1);
+    }
+    if let Some(c) = control {
+        c.stop();
+    }
+    signal_handle.close();
+    Ok(code)
+}
+
+/// Moves the TCP listeners to the rebind address and/or port.
+fn rebind_listeners(
+    listeners: &mut Vec<Listener>,
+    r: Rebind,
+    server: &Arc<Server>,
+    rx: &mpsc::Receiver<Event>,
+) -> Result<(), i32> {
+    let mut kept = Vec::new();
+    let mut targets = Vec::new();
+    for l in listeners.drain(..) {
+        match l.endpoint().clone() {
+            Endpoint::Tcp(a) => {
+                let ip = r.addr.unwrap_or(a.ip());
+                let port = r.port.unwrap_or(a.port());
+                targets.push(Endpoint::Tcp(std::net::SocketAddr::new(ip, port)));
+                l.stop();
+            }
+            Endpoint::Unix(_) => kept.push(l),
+        }
+    }
+    *listeners = kept;
+    for ep in targets {
+        let b = bind_retrying(&ep, rx)?;
+        match b.start(server.clone()) {
+            Ok(l) => {
+                info!("rebound to {ep}");
+                listeners.push(l);
+            }
+            Err(e) => {
+                error!("cannot serve on {ep}: {e}");
+                return Err(1);
+            }
+        }
+    }
+    Ok(())
 }

@@ -1,1 +1,331 @@
-//! Export.
+//! The served image: storage plus the request gate (pause/drain), flush
+//! bookkeeping and the hook through which a migration sees every change.
+
+use crate::storage::{Extent, Storage, ZeroError, ZeroMode};
+use std::io;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+/// Why an export operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("read beyond the end of the export")]
+    ReadPastEnd,
+    #[error("write beyond the end of the export")]
+    WritePastEnd,
+    #[error("the export is read-only")]
+    ReadOnly,
+    #[error("zeroing this range would not be fast")]
+    NotFast,
+    #[error("the server is shutting down")]
+    Shutdown,
+    #[error("I/O error: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// Sees every change to the image, after it is made and before it is acknowledged.
+/// A migration uses it to track dirty ranges or to forward writes.
+pub trait ChangeObserver: Send + Sync {
+    /// `[offset, offset + len)` changed; `data` holds the new bytes for a write,
+    /// `None` when the range now reads as zeroes.
+    fn changed(&self, offset: u64, len: u64, data: Option<&[u8]>);
+}
+
+/// The served image.
+pub struct Export {
+    storage: Storage,
+    read_only: bool,
+    gate: Gate,
+    /// Modifying operations completed so far.
+    changes: AtomicU64,
+    /// Value of `changes` known to be durable.
+    synced: AtomicU64,
+    sync_lock: Mutex<()>,
+    observer: RwLock<Option<Arc<dyn ChangeObserver>>>,
+}
+
+impl Export {
+    pub fn open(path: &Path, read_only: bool) -> io::Result<Export> {
+        Ok(Export::new(Storage::open(path, read_only)?, read_only))
+    }
+
+    pub fn new(storage: Storage, read_only: bool) -> Export {
+        Export {
+            read_only: read_only || !storage.writable(),
+            storage,
+            gate: Gate::default(),
+            changes: AtomicU64::new(0),
+            synced: AtomicU64::new(0),
+            sync_lock: Mutex::new(()),
+            observer: RwLock::new(None),
+        }
+    }
+
+    pub fn size(&self) -> u64 {
+        self.storage.size()
+    }
+
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    pub fn storage(&self) -> &Storage {
+        &self.storage
+    }
+
+    pub fn gate(&self) -> &Gate {
+        &self.gate
+    }
+
+    /// Installs (or removes) the change observer.
+    pub fn set_observer(&self, o: Option<Arc<dyn ChangeObserver>>) {
+        *self.observer.write().unwrap_or_else(|p| p.into_inner()) = o;
+    }
+
+    fn observe(&self, offset: u64, len: u64, data: Option<&[u8]>) {
+        let o = self.observer.read().unwrap_or_else(|p| p.into_inner());
+        if let Some(o) = o.as_ref() {
+            o.changed(offset, len, data);
+        }
+    }
+
+    fn in_range(&self, offset: u64, len: u64) -> bool {
+        offset
+            .checked_add(len)
+            .is_some_and(|end| end <= self.size())
+    }
+
+    fn check_write(&self, offset: u64, len: u64) -> Result<(), Error> {
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        if !self.in_range(offset, len) {
+            return Err(Error::WritePastEnd);
+        }
+        Ok(())
+    }
+
+    fn changed(&self, offset: u64, len: u64, data: Option<&[u8]>) {
+        self.observe(offset, len, data);
+        self.changes.fetch_add(1, SeqCst);
+    }
+
+    /// Checks a read range without reading.
+    pub fn check_read(&self, offset: u64, len: u64) -> Result<(), Error> {
+        if self.in_range(offset, len) {
+            Ok(())
+        } else {
+            Err(Error::ReadPastEnd)
+        }
+    }
+
+    pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<(), Error> {
+        self.check_read(offset, buf.len() as u64)?;
+        Ok(self.storage.read_at(buf, offset)?)
+    }
+
+    /// Writes `data`; zero blocks landing on holes keep the holes. With `fua`
+    /// the data is durable when this returns.
+    pub fn write(&self, data: &[u8], offset: u64, fua: bool) -> Result<(), Error> {
+        self.check_write(offset, data.len() as u64)?;
+        self.storage.write_sparse_at(data, offset, fua)?;
+        self.changed(offset, data.len() as u64, Some(data));
+        Ok(())
+    }
+
+    /// Discards the range (punches a hole); contents then read as zeroes.
+    pub fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), Error> {
+        self.check_write(offset, len)?;
+        match self.storage.punch_hole(offset, len) {
+            Ok(()) => {}
+            // Trim is a hint: a file system that cannot punch keeps the data.
+            Err(e) if e.kind() == io::ErrorKind::Unsupported => return Ok(()),
+            Err(e) => return Err(e.into()),
+        }
+        self.changed(offset, len, None);
+        if fua {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Makes the range read as zeroes, deallocating unless `no_hole`.
+    pub fn write_zeroes(&self, offset: u64, len: u64, no_hole: bool, fast: bool, fua: bool) -> Result<(), Error> {
+        self.check_write(offset, len)?;
+        let mode = if no_hole {
+            ZeroMode::NoHole
+        } else {
+            ZeroMode::MayTrim
+        };
+        self.storage
+            .zero(offset, len, mode, fast)
+            .map_err(|e| match e {
+                ZeroError::NotFast => Error::NotFast,
+                ZeroError::Io(e) => Error::Io(e),
+            })?;
+        self.changed(offset, len, None);
+        if fua {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Makes every change completed so far durable. Returns at once when
+    /// nothing changed since the last flush (on any connection).
+    pub fn flush(&self) -> Result<(), Error> {
+        let target = self.changes.load(SeqCst);
+        if self.synced.load(SeqCst) >= target {
+            return Ok(());
+        }
+        let _g = self.sync_lock.lock().unwrap_or_else(|p| p.into_inner());
+        if self.synced.load(SeqCst) >= target {
+            return Ok(());
+        }
+        let covered = self.changes.load(SeqCst);
+        self.storage.sync()?;
+        self.synced.fetch_max(covered, SeqCst);
+        Ok(())
+    }
+
+    /// Allocation status of the range (clipped to the export), at most `max` extents.
+    pub fn extents(&self, offset: u64, len: u64, max: usize) -> Result<Vec<Extent>, Error> {
+        self.check_read(offset, len)?;
+        Ok(self.storage.extents(offset, len, max)?)
+    }
+
+    /// Prefetch hint; failures are ignored, as the protocol allows.
+    pub fn cache(&self, offset: u64, len: u64) -> Result<(), Error> {
+        self.check_read(offset, len)?;
+        let _ = self.storage.prefetch(offset, len);
+        Ok(())
+    }
+}
+
+/// Admits requests while open; when closed, new requests wait and the closer
+/// can wait for the ones in flight to finish.
+#[derive(Default)]
+pub struct Gate {
+    inflight: AtomicUsize,
+    closed: AtomicBool,
+    shutdown: AtomicBool,
+    lock: Mutex<()>,
+    cv: Condvar,
+}
+
+/// Held while a request is in flight.
+pub struct Pass<'a>(&'a Gate);
+
+impl Drop for Pass<'_> {
+    fn drop(&mut self) {
+        self.0.leave();
+    }
+}
+
+impl Gate {
+    /// Admits one request, waiting while the gate is closed. Fails once shut.
+    pub fn enter(&self) -> Result<Pass<'_>, Error> {
+        loop {
+            self.inflight.fetch_add(1, SeqCst);
+            if !self.closed.load(SeqCst) {
+                return Ok(Pass(self));
+            }
+            self.leave();
+            let mut g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+            while self.closed.load(SeqCst) && !self.shutdown.load(SeqCst) {
+                g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner());
+            }
+            if self.shutdown.load(SeqCst) {
+                return Err(Error::Shutdown);
+            }
+        }
+    }
+
+    fn leave(&self) {
+        if self.inflight.fetch_sub(1, SeqCst) == 1 && self.closed.load(SeqCst) {
+            let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+            self.cv.notify_all();
+        }
+    }
+
+    /// Stops admitting requests and waits up to `timeout` for those in flight.
+    /// Returns whether none is left in flight.
+    pub fn close(&self, timeout: Duration) -> bool {
+        self.closed.store(true, SeqCst);
+        let deadline = Instant::now() + timeout;
+        let mut g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        while self.inflight.load(SeqCst) > 0 {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            g = self
+                .cv
+                .wait_timeout(g, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        true
+    }
+
+    /// Admits requests again.
+    pub fn open(&self) {
+        self.closed.store(false, SeqCst);
+        let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.cv.notify_all();
+    }
+
+    /// Refuses every waiting and future request for good.
+    pub fn shut(&self) {
+        self.shutdown.store(true, SeqCst);
+        self.closed.store(true, SeqCst);
+        let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.cv.notify_all();
+    }
+
+    pub fn is_shut(&self) -> bool {
+        self.shutdown.load(SeqCst)
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.inflight.load(SeqCst)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+    use std::thread;
+
+    #[test]
+    fn closed_gate_drains_and_blocks_then_reopens() {
+        let g = Arc::new(Gate::default());
+        let p = g.enter().unwrap();
+        assert!(!g.close(Duration::from_millis(20)));
+        drop(p);
+        assert!(g.close(Duration::from_secs(1)));
+        let (tx, rx) = mpsc::channel();
+        let g2 = g.clone();
+        let t = thread::spawn(move || {
+            let r = g2.enter().map(|_| ());
+            tx.send(r.is_ok()).unwrap();
+        });
+        assert!(rx.recv_timeout(Duration::from_millis(50)).is_err());
+        g.open();
+        assert!(rx.recv_timeout(Duration::from_secs(5)).unwrap());
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn shut_gate_refuses_waiters() {
+        let g = Arc::new(Gate::default());
+        g.close(Duration::ZERO);
+        let g2 = g.clone();
+        let t = thread::spawn(move || g2.enter().is_err());
+        g.shut();
+        assert!(t.join().unwrap());
+        assert!(g.enter().is_err());
+    }
+}

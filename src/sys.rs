@@ -1,1 +1,118 @@
-//! sys
+//! Thin wrappers over the Linux syscalls std does not expose. The only place
+//! with `unsafe`: each call passes plain integers or a buffer borrowed for the call.
+#![allow(unsafe_code)]
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
+
+fn cvt(r: libc::c_long) -> io::Result<libc::c_long> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+/// `fallocate(2)` with the given mode on `[offset, offset + len)`.
+pub fn fallocate(fd: BorrowedFd<'_>, mode: i32, offset: u64, len: u64) -> io::Result<()> {
+    // SAFETY: fallocate takes only integers; the fd is valid for the borrow.
+    let r = unsafe {
+        libc::fallocate64(
+            fd.as_raw_fd(),
+            mode,
+            offset as libc::off64_t,
+            len as libc::off64_t,
+        )
+    };
+    cvt(r as libc::c_long).map(|_| ())
+}
+
+pub const FALLOC_PUNCH_HOLE: i32 = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+pub const FALLOC_ZERO_RANGE: i32 = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
+pub const FALLOC_ALLOCATE: i32 = libc::FALLOC_FL_KEEP_SIZE;
+
+fn lseek(fd: BorrowedFd<'_>, offset: u64, whence: i32) -> io::Result<Option<u64>> {
+    // SAFETY: lseek takes only integers; the fd is valid for the borrow. The
+    // file position it moves is never used: all I/O is positional.
+    let r = unsafe { libc::lseek64(fd.as_raw_fd(), offset as libc::off64_t, whence) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ENXIO) {
+            return Ok(None);
+        }
+        return Err(e);
+    }
+    Ok(Some(r as u64))
+}
+
+/// The first offset at or after `offset` holding data; `None` if there is none.
+pub fn seek_data(fd: BorrowedFd<'_>, offset: u64) -> io::Result<Option<u64>> {
+    lseek(fd, offset, libc::SEEK_DATA)
+}
+
+/// The first offset at or after `offset` in a hole (the end of file counts as a hole).
+pub fn seek_hole(fd: BorrowedFd<'_>, offset: u64) -> io::Result<Option<u64>> {
+    lseek(fd, offset, libc::SEEK_HOLE)
+}
+
+/// `pwritev2(2)` with `RWF_DSYNC`: the data is durable when it returns.
+pub fn pwrite_dsync(fd: BorrowedFd<'_>, buf: &[u8], offset: u64) -> io::Result<usize> {
+    let iov = libc::iovec {
+        iov_base: buf.as_ptr() as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    // SAFETY: `iov` describes `buf`, which stays borrowed (and is only read)
+    // for the duration of the call.
+    let r = unsafe {
+        libc::pwritev2(
+            fd.as_raw_fd(),
+            &iov,
+            1,
+            offset as libc::off_t,
+            libc::RWF_DSYNC,
+        )
+    };
+    cvt(r as libc::c_long).map(|n| n as usize)
+}
+
+/// `posix_fadvise(POSIX_FADV_WILLNEED)`: start reading the range into the page cache.
+pub fn fadvise_willneed(fd: BorrowedFd<'_>, offset: u64, len: u64) -> io::Result<()> {
+    // SAFETY: integers only; the fd is valid for the borrow.
+    let r = unsafe {
+        libc::posix_fadvise64(
+            fd.as_raw_fd(),
+            offset as libc::off64_t,
+            len as libc::off64_t,
+            libc::POSIX_FADV_WILLNEED,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::from_raw_os_error(r));
+    }
+    Ok(())
+}
+
+/// `sendfile(2)`: copies up to `len` bytes of `file` at `offset` into `out`
+/// (a socket) without passing them through user space.
+pub fn sendfile(out: BorrowedFd<'_>, file: BorrowedFd<'_>, offset: u64, len: usize) -> io::Result<usize> {
+    let mut off = offset as libc::off64_t;
+    // SAFETY: `off` is a local the kernel updates; both fds are valid for the borrow.
+    let r = unsafe { libc::sendfile64(out.as_raw_fd(), file.as_raw_fd(), &mut off, len) };
+    cvt(r as libc::c_long).map(|n| n as usize)
+}
+
+/// Sets `MSG_MORE`-like corking on a TCP socket (`TCP_CORK`).
+pub fn set_tcp_cork(fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
+    let v: libc::c_int = on as libc::c_int;
+    // SAFETY: passes a pointer to a local c_int and its size.
+    let r = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_CORK,
+            &v as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    cvt(r as libc::c_long).map(|_| ())
+}

@@ -1,6 +1,8 @@
 //! `flexnbd acl`: replace the access control list of a running server.
 
 use super::Global;
+use crate::control::client::{print_reply, request};
+use std::io::Write;
 use std::path::PathBuf;
 
 /// Set the access control list of the server with control socket SOCK.
@@ -18,5 +20,13 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<i32> {
     args.global.apply();
-    anyhow::bail!("acl is not available yet")
+    // An empty line would end the request early (and so shorten the list), and a
+    // newline would split an entry in two: refuse both before sending anything.
+    if let Some(bad) = args.acl.iter().find(|e| e.is_empty() || e.contains('\n')) {
+        let _ = writeln!(std::io::stderr().lock(), "bad spec: {}", bad.escape_debug());
+        return Ok(1);
+    }
+    let mut lines = vec!["acl"];
+    lines.extend(args.acl.iter().map(String::as_str));
+    Ok(print_reply(&request(&args.sock, &lines)?))
 }

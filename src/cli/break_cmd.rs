@@ -1,6 +1,7 @@
 //! `flexnbd break`: stop a running migration.
 
 use super::Global;
+use crate::control::client::{print_reply, request};
 use std::path::PathBuf;
 
 /// Stop the migration running on the server with control socket SOCK.
@@ -15,5 +16,5 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<i32> {
     args.global.apply();
-    anyhow::bail!("break is not available yet")
+    Ok(print_reply(&request(&args.sock, &["break"])?))
 }

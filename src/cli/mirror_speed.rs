@@ -1,6 +1,7 @@
 //! `flexnbd mirror-speed`: change the speed limit of a running migration.
 
 use super::Global;
+use crate::control::client::{print_reply, request};
 use std::path::PathBuf;
 
 /// Change the speed limit of the migration running on the server with control socket SOCK.
@@ -18,5 +19,9 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<i32> {
     args.global.apply();
-    anyhow::bail!("mirror-speed is not available yet")
+    let speed = args.max_speed.to_string();
+    Ok(print_reply(&request(
+        &args.sock,
+        &["mirror_max_bps", &speed],
+    )?))
 }

@@ -1,6 +1,10 @@
 //! `flexnbd status`: print the status of a running server.
 
 use super::Global;
+use crate::control::client::{print_reply, request};
+use crate::control::grammar::status_text_to_json;
+use anyhow::Context;
+use std::io::Write;
 use std::path::PathBuf;
 
 /// Print the status of the server with control socket SOCK as key=value pairs.
@@ -18,5 +22,12 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<i32> {
     args.global.apply();
-    anyhow::bail!("status is not available yet")
+    let reply = request(&args.sock, &["status"])?;
+    if reply.code != 0 || !args.json {
+        return Ok(print_reply(&reply));
+    }
+    let json = status_text_to_json(&reply.text)
+        .with_context(|| format!("bad status from {}", args.sock.display()))?;
+    let _ = writeln!(std::io::stdout().lock(), "{json}");
+    Ok(0)
 }

@@ -32,7 +32,31 @@ impl Reply {
             text: text.into(),
         }
     }
+
+    /// The reply as sent: `CODE: text\n`, always one line (CR and LF in the text
+    /// become spaces).
+    pub fn to_line(&self) -> String {
+        format!("{}: {}\n", self.code, self.text.replace(['\r', '\n'], " "))
+    }
+
+    /// Parses `CODE: text`; a trailing LF or CRLF is allowed and only the first
+    /// line counts.
+    pub fn parse_line(line: &str) -> Result<Reply, ReplyParseError> {
+        let line = line.split('\n').next().unwrap_or("");
+        let line = line.strip_suffix('\r').unwrap_or(line);
+        let bad = || ReplyParseError(line.chars().take(200).collect());
+        let (code, rest) = line.split_once(':').ok_or_else(bad)?;
+        let digits = !code.is_empty() && code.bytes().all(|b| b.is_ascii_digit());
+        let code: u32 = code.parse().ok().filter(|_| digits).ok_or_else(bad)?;
+        let text = rest.strip_prefix(' ').unwrap_or(rest);
+        Ok(Reply::err(code, text))
+    }
 }
+
+/// A reply line that is not `CODE: text`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("not a reply line: {0:?}")]
+pub struct ReplyParseError(pub String);
 
 /// What `status` reports, in wire order.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,4 +116,49 @@ pub trait Handler: Send + Sync {
     fn start_mirror(&self, req: MirrorRequest) -> Reply;
     fn set_mirror_speed(&self, bytes_per_sec: u64) -> Reply;
     fn break_mirror(&self) -> Reply;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Reply;
+    use proptest::prelude::*;
+
+    #[test]
+    fn reply_lines() {
+        let ok = |line| Reply::parse_line(line).unwrap();
+        assert_eq!(ok("0: updated\n"), Reply::ok("updated"));
+        assert_eq!(
+            ok("10: unknown command\r\n"),
+            Reply::err(10, "unknown command")
+        );
+        assert_eq!(ok("1:x"), Reply::err(1, "x"));
+        assert_eq!(ok("0: a: b\nmore"), Reply::ok("a: b"));
+        assert_eq!(ok("0: "), Reply::ok(""));
+        for bad in [
+            "",
+            "updated",
+            ": x",
+            "-1: x",
+            "x1: y",
+            "99999999999: z",
+            " 0: x",
+        ] {
+            assert!(Reply::parse_line(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(Reply::err(3, "a\r\nb").to_line(), "3: a  b\n");
+    }
+
+    proptest! {
+        #[test]
+        fn reply_round_trip(code in any::<u32>(), text in ".{0,60}") {
+            let r = Reply::parse_line(&Reply::err(code, text.clone()).to_line()).unwrap();
+            prop_assert_eq!(r.code, code);
+            prop_assert_eq!(r.text, text.replace(['\r', '\n'], " "));
+        }
+
+        #[test]
+        fn parse_line_never_panics(text in ".{0,80}") {
+            let _ = Reply::parse_line(&text);
+        }
+    }
 }

@@ -1,1 +1,295 @@
-//! Storage.
+//! The image file: positional reads and writes, durability, holes and extents.
+//! Knows nothing of NBD.
+
+mod zero;
+
+pub use zero::is_zero;
+
+use crate::sys;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Seek, SeekFrom};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+/// Granularity of hole detection: zero blocks of this size that land on a hole
+/// are not written.
+pub const BLOCK: u64 = 4096;
+
+/// Largest single zero-filling write when a range must be zeroed by writing.
+const ZERO_CHUNK: usize = 1 << 20;
+
+/// One run of the file with the same allocation status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    pub len: u64,
+    /// Not allocated; reads as zeroes.
+    pub hole: bool,
+}
+
+/// How [`Storage::zero`] may make a range read as zeroes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ZeroMode {
+    /// Deallocate (punch a hole) if possible.
+    MayTrim,
+    /// Keep the range allocated.
+    NoHole,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ZeroError {
+    /// Only a slow method (writing zeroes) would work, and a fast one was required.
+    #[error("zeroing this range would not be fast")]
+    NotFast,
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+/// An open image file of fixed size.
+#[derive(Debug)]
+pub struct Storage {
+    file: File,
+    size: u64,
+    writable: bool,
+}
+
+impl Storage {
+    /// Opens an existing file (or block device); its current size is the export size.
+    pub fn open(path: &Path, read_only: bool) -> io::Result<Storage> {
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)?;
+        let meta = file.metadata()?;
+        if meta.is_dir() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "is a directory",
+            ));
+        }
+        let size = if meta.is_file() {
+            meta.len()
+        } else {
+            file.seek(SeekFrom::End(0))?
+        };
+        Ok(Storage {
+            file,
+            size,
+            writable: !read_only,
+        })
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn writable(&self) -> bool {
+        self.writable
+    }
+
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+
+    /// Fills `buf` from `offset`; bytes past the end of the file read as zeroes.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let mut done = 0;
+        while done < buf.len() {
+            match self.file.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => {
+                    buf[done..].fill(0);
+                    return Ok(());
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `buf` at `offset`; with `durable`, returns only once it is on stable storage.
+    pub fn write_at(&self, buf: &[u8], offset: u64, durable: bool) -> io::Result<()> {
+        if !durable {
+            return self.file.write_all_at(buf, offset);
+        }
+        let mut done = 0;
+        while done < buf.len() {
+            match sys::pwrite_dsync(self.fd(), &buf[done..], offset + done as u64) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                    self.file.write_all_at(&buf[done..], offset + done as u64)?;
+                    return self.sync();
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Like [`write_at`](Self::write_at), but 4 KiB-aligned blocks of zeroes that
+    /// land on a hole are skipped, so the hole stays a hole.
+    pub fn write_sparse_at(&self, buf: &[u8], offset: u64, durable: bool) -> io::Result<()> {
+        let end = offset + buf.len() as u64;
+        let first = offset.div_ceil(BLOCK) * BLOCK;
+        if first >= end || end - first < BLOCK {
+            return self.write_at(buf, offset, durable);
+        }
+        // Split into [pending data run] and [zero runs], checking each zero run for holes.
+        let mut run_start = offset; // start of the bytes not yet written
+        let mut pos = first;
+        while pos + BLOCK <= end {
+            let s = (pos - offset) as usize;
+            if !is_zero(&buf[s..s + BLOCK as usize]) {
+                pos += BLOCK;
+                continue;
+            }
+            // A run of zero blocks starting at pos.
+            let zstart = pos;
+            let mut zend = pos + BLOCK;
+            while zend + BLOCK <= end {
+                let s = (zend - offset) as usize;
+                if !is_zero(&buf[s..s + BLOCK as usize]) {
+                    break;
+                }
+                zend += BLOCK;
+            }
+            if self.is_hole(zstart, zend - zstart)? {
+                if zstart > run_start {
+                    let a = (run_start - offset) as usize;
+                    let b = (zstart - offset) as usize;
+                    self.write_at(&buf[a..b], run_start, durable)?;
+                }
+                run_start = zend;
+            }
+            pos = zend;
+        }
+        if run_start < end {
+            let a = (run_start - offset) as usize;
+            self.write_at(&buf[a..], run_start, durable)?;
+        }
+        Ok(())
+    }
+
+    /// Makes every completed write durable (`fdatasync`).
+    pub fn sync(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    /// Whether `[offset, offset + len)` lies entirely in a hole.
+    pub fn is_hole(&self, offset: u64, len: u64) -> io::Result<bool> {
+        if len == 0 {
+            return Ok(true);
+        }
+        match sys::seek_data(self.fd(), offset) {
+            Ok(None) => Ok(true),
+            Ok(Some(d)) => Ok(d >= offset + len),
+            // No SEEK_DATA support: everything counts as data.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Deallocates the range; it then reads as zeroes. Unsupported → `Unsupported` error.
+    pub fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        sys::fallocate(self.fd(), sys::FALLOC_PUNCH_HOLE, offset, len).map_err(unsupported)
+    }
+
+    /// Makes the range read as zeroes. With `fast_only`, fails with
+    /// [`ZeroError::NotFast`] instead of writing zeroes.
+    pub fn zero(&self, offset: u64, len: u64, mode: ZeroMode, fast_only: bool) -> Result<(), ZeroError> {
+        if len == 0 {
+            return Ok(());
+        }
+        let fast = match mode {
+            ZeroMode::MayTrim => self.punch_hole(offset, len),
+            ZeroMode::NoHole => sys::fallocate(self.fd(), sys::FALLOC_ZERO_RANGE, offset, len)
+                .map_err(unsupported)
+                .or_else(|e| {
+                    if e.kind() != io::ErrorKind::Unsupported {
+                        return Err(e);
+                    }
+                    self.punch_hole(offset, len)?;
+                    sys::fallocate(self.fd(), sys::FALLOC_ALLOCATE, offset, len).map_err(unsupported)
+                }),
+        };
+        match fast {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::Unsupported => {
+                if fast_only {
+                    return Err(ZeroError::NotFast);
+                }
+                self.write_zeroes(offset, len).map_err(ZeroError::Io)
+            }
+            Err(e) => Err(ZeroError::Io(e)),
+        }
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        let zeros = vec![0u8; ZERO_CHUNK.min(len as usize)];
+        let mut pos = offset;
+        let end = offset + len;
+        while pos < end {
+            let n = ((end - pos) as usize).min(zeros.len());
+            self.file.write_all_at(&zeros[..n], pos)?;
+            pos += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Allocation extents covering `[offset, offset + len)` (clipped to the file),
+    /// at most `max` of them; the last one may stop short of the end.
+    pub fn extents(&self, offset: u64, len: u64, max: usize) -> io::Result<Vec<Extent>> {
+        let end = offset.saturating_add(len).min(self.size);
+        let mut out: Vec<Extent> = Vec::new();
+        let mut pos = offset;
+        while pos < end && out.len() < max {
+            let data = match sys::seek_data(self.fd(), pos) {
+                Ok(d) => d,
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Some(pos),
+                Err(e) => return Err(e),
+            };
+            let (hole, next) = match data {
+                None => (true, end),
+                Some(d) if d > pos => (true, d.min(end)),
+                Some(_) => {
+                    let h = match sys::seek_hole(self.fd(), pos) {
+                        Ok(h) => h.unwrap_or(end),
+                        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => end,
+                        Err(e) => return Err(e),
+                    };
+                    (false, h.clamp(pos + 1, end))
+                }
+            };
+            match out.last_mut() {
+                Some(last) if last.hole == hole => last.len += next - pos,
+                _ => out.push(Extent {
+                    len: next - pos,
+                    hole,
+                }),
+            }
+            pos = next;
+        }
+        Ok(out)
+    }
+
+    /// Hints that the range will be read soon.
+    pub fn prefetch(&self, offset: u64, len: u64) -> io::Result<()> {
+        sys::fadvise_willneed(self.fd(), offset, len)
+    }
+}
+
+fn unsupported(e: io::Error) -> io::Error {
+    match e.raw_os_error() {
+        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => io::ErrorKind::Unsupported.into(),
+        _ => e,
+    }
+}
+
+#[cfg(test)]
+mod tests;

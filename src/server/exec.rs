@@ -1,0 +1,312 @@
+//! Executing a worker's batch against the export and building the replies.
+
+use super::out::OUT_CAP;
+use super::reader::Reader;
+use super::session::{Session, Worker, PAYLOAD_CAP};
+use super::validate::{Op, Refusal};
+use crate::export::{self, Export};
+use crate::proto::consts::{STATE_HOLE, STATE_ZERO};
+use crate::proto::reply::{
+    block_status_chunk, error_chunk, none_chunk, offset_data_header, offset_hole_chunk,
+};
+use crate::proto::{NbdErrno, Request, SimpleReply};
+use crate::server::handshake::BASE_ALLOCATION_ID;
+use std::io::{self, Write};
+
+/// Reads at least this long are checked for holes (sent as hole chunks).
+const HOLE_READ_MIN: usize = 64 * 1024;
+/// Most extents looked up for one read.
+const READ_EXTENTS: usize = 32;
+/// Most descriptors in one BLOCK_STATUS reply.
+const MAX_EXTENTS: usize = 1 << 14;
+/// Room kept for one error reply.
+const ERROR_ROOM: usize = 4200;
+/// Piece size when a reply is too large for the reply buffer.
+const STREAM_PIECE: usize = OUT_CAP - 64 * 1024;
+
+/// The one place that maps export errors to NBD errors.
+pub fn errno(e: &export::Error) -> NbdErrno {
+    match e {
+        export::Error::ReadPastEnd => NbdErrno::Inval,
+        export::Error::WritePastEnd => NbdErrno::NoSpc,
+        export::Error::ReadOnly => NbdErrno::Perm,
+        export::Error::NotFast => NbdErrno::NotSup,
+        export::Error::Shutdown => NbdErrno::Shutdown,
+        export::Error::Io(e) => NbdErrno::from_os(e.raw_os_error().unwrap_or(libc::EIO)),
+    }
+}
+
+fn slow(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::Flush | Op::Write { fua: true } | Op::Trim { fua: true } | Op::Zero { fua: true, .. }
+    )
+}
+
+impl Session {
+    fn ensure_room(&self, w: &mut Worker, n: usize) -> io::Result<()> {
+        if w.out.room() < n {
+            w.out.send(&self.conn, &self.writer)?;
+        }
+        Ok(())
+    }
+
+    fn reply_ok(&self, w: &mut Worker, cookie: u64) -> io::Result<()> {
+        self.ensure_room(w, 16)?;
+        w.out.push(&SimpleReply::ok(cookie).encode());
+        Ok(())
+    }
+
+    fn reply_err(&self, w: &mut Worker, cookie: u64, errno: NbdErrno, msg: &str) -> io::Result<()> {
+        self.ensure_room(w, ERROR_ROOM)?;
+        if self.neg.structured {
+            w.out.push(&error_chunk(cookie, errno, msg));
+        } else {
+            w.out.push(&SimpleReply::err(cookie, errno).encode());
+        }
+        Ok(())
+    }
+
+    fn reply(&self, w: &mut Worker, cookie: u64, r: Result<(), export::Error>) -> io::Result<()> {
+        match r {
+            Ok(()) => self.reply_ok(w, cookie),
+            Err(e) => {
+                let n = errno(&e);
+                if matches!(e, export::Error::Io(_)) {
+                    warn!("{}: request failed: {e}", self.name);
+                }
+                self.reply_err(w, cookie, n, &e.to_string())
+            }
+        }
+    }
+
+    /// Executes the gathered batch, appending replies to the worker's buffer.
+    pub(super) fn execute(&self, w: &mut Worker) -> io::Result<()> {
+        let batch = std::mem::take(&mut w.batch);
+        let r = self.execute_items(w, &batch);
+        w.batch = batch;
+        r
+    }
+
+    fn execute_items(&self, w: &mut Worker, batch: &[super::session::Item]) -> io::Result<()> {
+        let ex: &Export = &self.export;
+        for item in batch {
+            let req = &item.req;
+            let cookie = req.cookie;
+            let op = match item.op {
+                Ok(Op::Disc) => continue,
+                Ok(op) => op,
+                Err(Refusal { errno, msg }) => {
+                    self.reply_err(w, cookie, errno, msg)?;
+                    continue;
+                }
+            };
+            if slow(&op) {
+                // Replies already made need not wait for the disk.
+                w.out.send(&self.conn, &self.writer)?;
+            }
+            let _pass = match ex.gate().enter() {
+                Ok(p) => p,
+                Err(e) => {
+                    self.reply(w, cookie, Err(e))?;
+                    continue;
+                }
+            };
+            let (off, len) = (req.offset, req.length as u64);
+            match op {
+                Op::Read { df } => self.read(w, req, df)?,
+                Op::Write { fua } => {
+                    let data = &w.payload[item.at..item.at + req.length as usize];
+                    let r = ex.write(data, off, fua);
+                    if r.is_ok() {
+                        self.covered(off, len);
+                    }
+                    self.reply(w, cookie, r)?;
+                }
+                Op::Flush => self.reply(w, cookie, ex.flush())?,
+                Op::Trim { fua } => self.reply(w, cookie, ex.trim(off, len, fua))?,
+                Op::Zero { no_hole, fast, fua } => {
+                    let r = ex.write_zeroes(off, len, no_hole, fast, fua);
+                    if r.is_ok() {
+                        self.covered(off, len);
+                    }
+                    self.reply(w, cookie, r)?;
+                }
+                Op::Cache => self.reply(w, cookie, ex.cache(off, len))?,
+                Op::BlockStatus { one } => self.block_status(w, req, one)?,
+                Op::Disc => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn block_status(&self, w: &mut Worker, req: &Request, one: bool) -> io::Result<()> {
+        let max = if one { 1 } else { MAX_EXTENTS };
+        let ext = match self.export.extents(req.offset, req.length as u64, max) {
+            Ok(e) if !e.is_empty() => e,
+            Ok(_) => vec![crate::storage::Extent {
+                len: req.length as u64,
+                hole: false,
+            }],
+            Err(e) => return self.reply(w, req.cookie, Err(e)),
+        };
+        let desc: Vec<(u32, u32)> = ext
+            .iter()
+            .map(|e| {
+                let flags = if e.hole { STATE_HOLE | STATE_ZERO } else { 0 };
+                (e.len as u32, flags)
+            })
+            .collect();
+        let chunk = block_status_chunk(req.cookie, BASE_ALLOCATION_ID, &desc, true);
+        if chunk.len() > OUT_CAP {
+            w.out.send(&self.conn, &self.writer)?;
+            let _g = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+            return (&self.conn).write_all(&chunk);
+        }
+        self.ensure_room(w, chunk.len())?;
+        w.out.push(&chunk);
+        Ok(())
+    }
+
+    fn read(&self, w: &mut Worker, req: &Request, df: bool) -> io::Result<()> {
+        let len = req.length as usize;
+        if len + 64 * 1024 > OUT_CAP {
+            return self.stream_read(w, req);
+        }
+        let structured = self.neg.structured;
+        if structured && len == 0 {
+            self.ensure_room(w, 20)?;
+            w.out.push(&none_chunk(req.cookie));
+            return Ok(());
+        }
+        if structured && !df && len >= HOLE_READ_MIN {
+            if let Ok(ext) = self.export.extents(req.offset, len as u64, READ_EXTENTS) {
+                if ext.iter().any(|e| e.hole) {
+                    return self.read_sparse(w, req, &ext);
+                }
+            }
+        }
+        let hdr = if structured { 28 } else { 16 };
+        self.ensure_room(w, hdr + len)?;
+        let mark = w.out.mark();
+        let slot = w.out.claim(hdr + len);
+        match self.export.read(&mut slot[hdr..], req.offset) {
+            Ok(()) => {
+                if structured {
+                    slot[..hdr].copy_from_slice(&offset_data_header(req.cookie, req.offset, len as u32, true));
+                } else {
+                    slot[..hdr].copy_from_slice(&SimpleReply::ok(req.cookie).encode());
+                }
+                Ok(())
+            }
+            Err(e) => {
+                w.out.truncate(mark);
+                self.reply(w, req.cookie, Err(e))
+            }
+        }
+    }
+
+    /// A structured read as hole and data chunks following the extents.
+    fn read_sparse(&self, w: &mut Worker, req: &Request, ext: &[crate::storage::Extent]) -> io::Result<()> {
+        let len = req.length as u64;
+        self.ensure_room(w, len as usize + 32 * (ext.len() + 1))?;
+        let mark = w.out.mark();
+        let mut pos = req.offset;
+        let end = req.offset + len;
+        let covered: u64 = ext.iter().map(|e| e.len).sum();
+        // Extents may stop short; the rest is sent as data.
+        let tail = (covered < len).then_some(crate::storage::Extent {
+            len: len - covered,
+            hole: false,
+        });
+        for e in ext.iter().copied().chain(tail) {
+            let elen = e.len.min(end - pos);
+            let last = pos + elen == end;
+            if e.hole {
+                w.out.push(&offset_hole_chunk(req.cookie, pos, elen as u32, last));
+            } else {
+                let slot = w.out.claim(28 + elen as usize);
+                if let Err(err) = self.export.read(&mut slot[28..], pos) {
+                    w.out.truncate(mark);
+                    return self.reply(w, req.cookie, Err(err));
+                }
+                slot[..28].copy_from_slice(&offset_data_header(req.cookie, pos, elen as u32, last));
+            }
+            pos += elen;
+            if last {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// A read too large for the reply buffer, sent in pieces.
+    fn stream_read(&self, w: &mut Worker, req: &Request) -> io::Result<()> {
+        w.out.send(&self.conn, &self.writer)?;
+        let _g = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let mut c = &self.conn;
+        let end = req.offset + req.length as u64;
+        let mut pos = req.offset;
+        let mut header_sent = false;
+        while pos < end {
+            let n = ((end - pos) as usize).min(STREAM_PIECE);
+            let last = pos + n as u64 == end;
+            if self.neg.structured && self.export.storage().is_hole(pos, n as u64).unwrap_or(false) {
+                c.write_all(&offset_hole_chunk(req.cookie, pos, n as u32, last))?;
+                pos += n as u64;
+                continue;
+            }
+            let buf = &mut w.out.scratch()[..n];
+            if let Err(e) = self.export.read(buf, pos) {
+                if self.neg.structured {
+                    return c.write_all(&error_chunk(req.cookie, errno(&e), &e.to_string()));
+                }
+                if !header_sent {
+                    return c.write_all(&SimpleReply::err(req.cookie, errno(&e)).encode());
+                }
+                // A simple reply already promised the data: only a hard disconnect is left.
+                return Err(io::Error::other(format!("read failed mid-reply: {e}")));
+            }
+            if self.neg.structured {
+                c.write_all(&offset_data_header(req.cookie, pos, n as u32, last))?;
+            } else if !header_sent {
+                c.write_all(&SimpleReply::ok(req.cookie).encode())?;
+                header_sent = true;
+            }
+            c.write_all(&w.out.scratch()[..n])?;
+            pos += n as u64;
+        }
+        Ok(())
+    }
+
+    /// A write too large to gather, executed while its payload streams in.
+    /// Called with the reader held; the reply goes to the worker's buffer.
+    pub(super) fn stream_write(&self, rd: &mut Reader, w: &mut Worker, req: &Request) -> io::Result<()> {
+        let fua = matches!(
+            super::validate::validate(req, &self.neg, self.export.size(), self.export.read_only()),
+            Ok(Op::Write { fua: true })
+        );
+        if w.payload.len() < PAYLOAD_CAP {
+            w.payload.resize(PAYLOAD_CAP, 0);
+        }
+        let pass = self.export.gate().enter();
+        let mut result = pass.as_ref().map(|_| ()).map_err(|_| export::Error::Shutdown);
+        let end = req.offset + req.length as u64;
+        let mut pos = req.offset;
+        while pos < end {
+            let n = ((end - pos) as usize).min(PAYLOAD_CAP);
+            if let Err(e) = rd.read_exact(&mut w.payload[..n]) {
+                return Err(io::Error::other(e.to_string()));
+            }
+            if result.is_ok() {
+                result = self.export.write(&w.payload[..n], pos, fua);
+            }
+            pos += n as u64;
+        }
+        drop(pass);
+        if result.is_ok() {
+            self.covered(req.offset, req.length as u64);
+        }
+        self.reply(w, req.cookie, result)
+    }
+}

@@ -1,0 +1,275 @@
+//! Server side of the handshake: greeting and option haggling up to the
+//! transmission phase.
+
+use super::conn::Conn;
+use crate::proto::consts::*;
+use crate::proto::handshake::{
+    export_name_reply, info_block_size, info_export, info_string, newstyle_greeting,
+    oldstyle_greeting, option_reply, rep_meta_context, rep_server, valid_string, InfoRequest,
+    MetaContextRequest,
+};
+use crate::proto::{ClientFlags, OptionHeader, ProtoError};
+use std::io::{self, Read, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Id of `base:allocation` in BLOCK_STATUS replies.
+pub const BASE_ALLOCATION_ID: u32 = 1;
+/// Block sizes advertised with NBD_INFO_BLOCK_SIZE.
+pub const MIN_BLOCK: u32 = 1;
+pub const PREFERRED_BLOCK: u32 = 4096;
+pub const MAX_PAYLOAD: u32 = 32 << 20;
+/// Option data beyond this is discarded and refused; far beyond it the client is dropped.
+const MAX_DISCARD: u32 = 16 << 20;
+
+/// What the export looks like to the handshake.
+#[derive(Debug, Clone, Copy)]
+pub struct ExportInfo {
+    pub size: u64,
+    pub read_only: bool,
+    pub oldstyle: bool,
+}
+
+/// What was agreed for the transmission phase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Negotiated {
+    pub structured: bool,
+    pub base_allocation: bool,
+    pub flags: u16,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    #[error("client closed the connection during the handshake")]
+    Closed,
+    #[error("client aborted the handshake")]
+    Aborted,
+    #[error("protocol violation: {0}")]
+    Proto(#[from] ProtoError),
+    #[error("{0}")]
+    Refused(&'static str),
+    #[error("I/O error: {0}")]
+    Io(io::Error),
+}
+
+impl From<io::Error> for HandshakeError {
+    fn from(e: io::Error) -> Self {
+        match e.kind() {
+            io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset => HandshakeError::Closed,
+            _ => HandshakeError::Io(e),
+        }
+    }
+}
+
+/// Transmission flags for this export, given whether structured replies are on.
+pub fn transmission_flags(info: &ExportInfo, structured: bool) -> u16 {
+    let mut f = FLAG_HAS_FLAGS | FLAG_SEND_FLUSH | FLAG_SEND_FUA | FLAG_CAN_MULTI_CONN | FLAG_SEND_CACHE;
+    if info.read_only {
+        f |= FLAG_READ_ONLY;
+    } else {
+        f |= FLAG_SEND_TRIM | FLAG_SEND_WRITE_ZEROES | FLAG_SEND_FAST_ZERO;
+    }
+    if structured {
+        f |= FLAG_SEND_DF;
+    }
+    f
+}
+
+/// Runs the handshake; `Ok` means the transmission phase starts.
+pub fn negotiate(conn: &Conn, info: &ExportInfo, shutting_down: &AtomicBool) -> Result<Negotiated, HandshakeError> {
+    let mut c = conn;
+    if info.oldstyle {
+        let flags = transmission_flags(info, false);
+        c.write_all(&oldstyle_greeting(info.size, flags as u32))?;
+        return Ok(Negotiated {
+            structured: false,
+            base_allocation: false,
+            flags,
+        });
+    }
+    let offered = FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES;
+    c.write_all(&newstyle_greeting(offered))?;
+    let mut fb = [0u8; 4];
+    c.read_exact(&mut fb)?;
+    let cflags = match ClientFlags::decode(&fb, offered)? {
+        Some((f, _)) => f,
+        None => return Err(HandshakeError::Closed),
+    };
+    let mut h = Haggle {
+        conn,
+        info,
+        cflags,
+        structured: false,
+        base_allocation: false,
+    };
+    h.run(shutting_down)
+}
+
+struct Haggle<'a> {
+    conn: &'a Conn,
+    info: &'a ExportInfo,
+    cflags: ClientFlags,
+    structured: bool,
+    base_allocation: bool,
+}
+
+impl Haggle<'_> {
+    fn reply(&self, option: u32, kind: u32, data: &[u8]) -> io::Result<()> {
+        let mut c = self.conn;
+        c.write_all(&option_reply(option, kind, data))
+    }
+
+    fn error(&self, option: u32, kind: u32, msg: &str) -> io::Result<()> {
+        self.reply(option, kind, msg.as_bytes())
+    }
+
+    fn negotiated(&self) -> Negotiated {
+        Negotiated {
+            structured: self.structured,
+            base_allocation: self.base_allocation,
+            flags: transmission_flags(self.info, self.structured),
+        }
+    }
+
+    fn run(&mut self, shutting_down: &AtomicBool) -> Result<Negotiated, HandshakeError> {
+        let mut c = self.conn;
+        loop {
+            let mut hb = [0u8; OPTION_HEADER_LEN];
+            c.read_exact(&mut hb)?;
+            let hdr = match OptionHeader::decode(&hb)? {
+                Some((h, _)) => h,
+                None => return Err(HandshakeError::Closed),
+            };
+            if hdr.length > MAX_OPTION_LEN {
+                if hdr.option == OPT_EXPORT_NAME || hdr.length > MAX_DISCARD {
+                    return Err(HandshakeError::Refused("option data too long"));
+                }
+                io::copy(&mut c.take(hdr.length as u64), &mut io::sink())?;
+                self.error(hdr.option, REP_ERR_TOO_BIG, "option data too long")?;
+                continue;
+            }
+            let mut data = vec![0u8; hdr.length as usize];
+            c.read_exact(&mut data)?;
+            if !self.cflags.fixed_newstyle && hdr.option != OPT_EXPORT_NAME {
+                return Err(HandshakeError::Refused("option without fixed newstyle"));
+            }
+            if shutting_down.load(Ordering::Relaxed) && hdr.option != OPT_ABORT {
+                if hdr.option == OPT_EXPORT_NAME {
+                    return Err(HandshakeError::Refused("server is shutting down"));
+                }
+                self.error(hdr.option, REP_ERR_SHUTDOWN, "server is shutting down")?;
+                continue;
+            }
+            if let Some(n) = self.option(hdr.option, &data)? {
+                return Ok(n);
+            }
+        }
+    }
+
+    /// Handles one option; `Some` enters transmission.
+    fn option(&mut self, opt: u32, data: &[u8]) -> Result<Option<Negotiated>, HandshakeError> {
+        match opt {
+            OPT_EXPORT_NAME => {
+                if valid_string(data).is_none() {
+                    return Err(HandshakeError::Refused("bad export name"));
+                }
+                let n = self.negotiated();
+                let mut c = self.conn;
+                c.write_all(&export_name_reply(self.info.size, n.flags, self.cflags.no_zeroes))?;
+                Ok(Some(n))
+            }
+            OPT_ABORT => {
+                // The client may already have gone; the reply is best effort.
+                let _ = self.reply(opt, REP_ACK, &[]);
+                Err(HandshakeError::Aborted)
+            }
+            OPT_LIST => {
+                if !data.is_empty() {
+                    self.error(opt, REP_ERR_INVALID, "NBD_OPT_LIST takes no data")?;
+                } else {
+                    self.reply(opt, REP_SERVER, &rep_server("", ""))?;
+                    self.reply(opt, REP_ACK, &[])?;
+                }
+                Ok(None)
+            }
+            OPT_STARTTLS => {
+                self.error(opt, REP_ERR_POLICY, "TLS is not configured on this server")?;
+                Ok(None)
+            }
+            OPT_INFO | OPT_GO => self.info_go(opt, data),
+            OPT_STRUCTURED_REPLY => {
+                if !data.is_empty() {
+                    self.error(opt, REP_ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data")?;
+                } else {
+                    self.structured = true;
+                    self.reply(opt, REP_ACK, &[])?;
+                }
+                Ok(None)
+            }
+            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
+                self.meta_context(opt, data)?;
+                Ok(None)
+            }
+            _ => {
+                self.error(opt, REP_ERR_UNSUP, "option not supported")?;
+                Ok(None)
+            }
+        }
+    }
+
+    fn info_go(&mut self, opt: u32, data: &[u8]) -> Result<Option<Negotiated>, HandshakeError> {
+        let req = match InfoRequest::parse(data) {
+            Ok(r) => r,
+            Err(_) => {
+                self.error(opt, REP_ERR_INVALID, "malformed NBD_OPT_INFO/GO data")?;
+                return Ok(None);
+            }
+        };
+        let n = self.negotiated();
+        self.reply(opt, REP_INFO, &info_export(self.info.size, n.flags))?;
+        // Block sizes are always sent: clients that did not ask may ignore them.
+        self.reply(
+            opt,
+            REP_INFO,
+            &info_block_size(MIN_BLOCK, PREFERRED_BLOCK, MAX_PAYLOAD),
+        )?;
+        if req.infos.contains(&INFO_NAME) {
+            self.reply(opt, REP_INFO, &info_string(INFO_NAME, &req.name))?;
+        }
+        if req.infos.contains(&INFO_DESCRIPTION) {
+            self.reply(opt, REP_INFO, &info_string(INFO_DESCRIPTION, "flexnbd"))?;
+        }
+        self.reply(opt, REP_ACK, &[])?;
+        Ok(if opt == OPT_GO { Some(n) } else { None })
+    }
+
+    fn meta_context(&mut self, opt: u32, data: &[u8]) -> io::Result<()> {
+        if !self.structured {
+            return self.error(opt, REP_ERR_INVALID, "structured replies must be negotiated first");
+        }
+        let req = match MetaContextRequest::parse(data) {
+            Ok(r) => r,
+            Err(_) => return self.error(opt, REP_ERR_INVALID, "malformed meta context data"),
+        };
+        if req.queries.iter().any(|q| !q.contains(':')) {
+            return self.error(opt, REP_ERR_INVALID, "a query must start with a namespace");
+        }
+        let list = opt == OPT_LIST_META_CONTEXT;
+        let selected = if list {
+            req.queries.is_empty()
+                || req
+                    .queries
+                    .iter()
+                    .any(|q| q == "base:" || q == BASE_ALLOCATION)
+        } else {
+            req.queries.iter().any(|q| q == BASE_ALLOCATION)
+        };
+        if selected {
+            let id = if list { 0 } else { BASE_ALLOCATION_ID };
+            self.reply(opt, REP_META_CONTEXT, &rep_meta_context(id, BASE_ALLOCATION))?;
+        }
+        if !list {
+            self.base_allocation = selected;
+        }
+        self.reply(opt, REP_ACK, &[])
+    }
+}

@@ -1,0 +1,120 @@
+//! Buffered reading of requests and payloads from a client connection.
+
+use super::conn::Conn;
+use crate::proto::consts::REQUEST_LEN;
+use crate::proto::{ProtoError, Request};
+use std::io::{self, Read};
+
+const BUF_LEN: usize = 256 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("client closed the connection")]
+    Eof,
+    #[error("{0}")]
+    Proto(#[from] ProtoError),
+    #[error("I/O error: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// Reads requests through a buffer so that one `recv` serves many small requests.
+pub struct Reader {
+    conn: Conn,
+    buf: Box<[u8]>,
+    start: usize,
+    end: usize,
+}
+
+impl Reader {
+    pub fn new(conn: Conn) -> Reader {
+        Reader {
+            conn,
+            buf: vec![0u8; BUF_LEN].into_boxed_slice(),
+            start: 0,
+            end: 0,
+        }
+    }
+
+    fn buffered(&self) -> &[u8] {
+        &self.buf[self.start..self.end]
+    }
+
+    /// Reads more bytes from the connection; `Eof` when it is closed.
+    fn fill(&mut self) -> Result<(), ReadError> {
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        } else if self.end == self.buf.len() {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        loop {
+            match (&self.conn).read(&mut self.buf[self.end..]) {
+                Ok(0) => return Err(ReadError::Eof),
+                Ok(n) => {
+                    self.end += n;
+                    return Ok(());
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return Err(ReadError::Eof),
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// The next request header without consuming it. With `wait`, blocks until
+    /// one arrives; without, returns `None` unless a whole header is buffered.
+    pub fn peek(&mut self, wait: bool) -> Result<Option<Request>, ReadError> {
+        loop {
+            if let Some((req, _)) = Request::decode(self.buffered())? {
+                return Ok(Some(req));
+            }
+            if !wait {
+                return Ok(None);
+            }
+            self.fill()?;
+        }
+    }
+
+    /// Consumes the header returned by the last `peek`.
+    pub fn consume_header(&mut self) {
+        self.start += REQUEST_LEN;
+    }
+
+    /// How many bytes are buffered past the current position.
+    pub fn buffered_len(&self) -> usize {
+        self.end - self.start
+    }
+
+    /// Fills `dst` from the buffer, then straight from the connection.
+    pub fn read_exact(&mut self, dst: &mut [u8]) -> Result<(), ReadError> {
+        let have = self.buffered_len().min(dst.len());
+        dst[..have].copy_from_slice(&self.buf[self.start..self.start + have]);
+        self.start += have;
+        let mut done = have;
+        while done < dst.len() {
+            match (&self.conn).read(&mut dst[done..]) {
+                Ok(0) => return Err(ReadError::Eof),
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return Err(ReadError::Eof),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads and drops `n` bytes (the payload of a refused write).
+    pub fn skip(&mut self, mut n: u64) -> Result<(), ReadError> {
+        while n > 0 {
+            if self.start == self.end {
+                self.fill()?;
+            }
+            let take = (self.buffered_len() as u64).min(n) as usize;
+            self.start += take;
+            n -= take as u64;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,283 @@
+//! One client connection in the transmission phase. A few workers take turns
+//! reading a batch of requests (reader lock), execute their batches
+//! concurrently and send each batch's replies with one write (writer lock), so
+//! replies go out of order as the protocol allows.
+
+use super::conn::Conn;
+use super::coverage::Coverage;
+use super::handshake::Negotiated;
+use super::out::{Out, OUT_CAP};
+use super::reader::{ReadError, Reader};
+use super::validate::{validate, Op, Refusal};
+use crate::export::Export;
+use crate::proto::Request;
+use std::io;
+use std::net::Shutdown;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+/// Workers per connection (started as the pipeline fills).
+const MAX_WORKERS: usize = 4;
+/// Requests taken per turn at the reader.
+const MAX_BATCH: usize = 16;
+/// Write payload gathered per batch; larger writes are streamed.
+pub(super) const PAYLOAD_CAP: usize = 4 << 20;
+
+/// How a session ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum End {
+    /// The client sent NBD_CMD_DISC.
+    Disconnect,
+    /// The connection was closed or shut down.
+    Closed,
+    /// A protocol or I/O error ended it.
+    Error(String),
+}
+
+/// A request taken from the stream, ready to execute.
+#[derive(Debug)]
+pub(super) struct Item {
+    pub req: Request,
+    pub op: Result<Op, Refusal>,
+    /// Start of a WRITE's payload in the worker's payload buffer.
+    pub at: usize,
+}
+
+/// A worker's reusable buffers.
+pub(super) struct Worker {
+    pub out: Out,
+    pub payload: Vec<u8>,
+    pub batch: Vec<Item>,
+}
+
+pub struct Session {
+    pub(super) export: Arc<Export>,
+    pub(super) conn: Conn,
+    pub(super) neg: Negotiated,
+    pub(super) writer: Mutex<()>,
+    reader: Mutex<Reader>,
+    stop: AtomicBool,
+    end: Mutex<Option<End>>,
+    idle: AtomicUsize,
+    workers: AtomicUsize,
+    handles: Mutex<Vec<JoinHandle<()>>>,
+    pub(super) name: String,
+    /// Ranges written by this client, tracked for an incoming migration.
+    coverage: Option<Mutex<Coverage>>,
+}
+
+impl Session {
+    pub fn new(
+        export: Arc<Export>,
+        conn: Conn,
+        neg: Negotiated,
+        name: String,
+        track_coverage: bool,
+    ) -> io::Result<Arc<Session>> {
+        let reader = Reader::new(conn.try_clone()?);
+        Ok(Arc::new(Session {
+            export,
+            conn,
+            neg,
+            writer: Mutex::new(()),
+            reader: Mutex::new(reader),
+            stop: AtomicBool::new(false),
+            end: Mutex::new(None),
+            idle: AtomicUsize::new(0),
+            workers: AtomicUsize::new(1),
+            handles: Mutex::new(Vec::new()),
+            name,
+            coverage: track_coverage.then(|| Mutex::new(Coverage::default())),
+        }))
+    }
+
+    /// Serves requests until the client disconnects or the session is stopped;
+    /// waits for every in-flight request to be answered.
+    pub fn run(self: &Arc<Self>) -> End {
+        self.work();
+        self.finish(End::Closed);
+        self.conn.shutdown(Shutdown::Read);
+        loop {
+            let h = self.handles.lock().unwrap_or_else(|p| p.into_inner()).pop();
+            match h {
+                Some(h) => {
+                    let _ = h.join();
+                }
+                None => break,
+            }
+        }
+        self.conn.shutdown(Shutdown::Both);
+        self.end
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .unwrap_or(End::Closed)
+    }
+
+    /// Records that this client wrote `[off, off + len)`.
+    pub(super) fn covered(&self, off: u64, len: u64) {
+        if let Some(c) = &self.coverage {
+            c.lock().unwrap_or_else(|p| p.into_inner()).add(off, len);
+        }
+    }
+
+    /// Bytes of the image this client never wrote (when tracked).
+    pub fn missing(&self) -> Option<u64> {
+        self.coverage.as_ref().map(|c| {
+            c.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .missing(self.export.size())
+        })
+    }
+
+    /// Stops reading requests; those in flight still get their replies.
+    pub fn stop(&self) {
+        self.conn.shutdown(Shutdown::Read);
+    }
+
+    /// Records why the session ends (the first reason wins) and stops reading.
+    fn finish(&self, why: End) {
+        self.stop.store(true, SeqCst);
+        let mut e = self.end.lock().unwrap_or_else(|p| p.into_inner());
+        if e.is_none() {
+            *e = Some(why);
+        }
+    }
+
+    fn stopped(&self) -> bool {
+        self.stop.load(SeqCst)
+    }
+
+    fn work(self: &Arc<Self>) {
+        let mut w = Worker {
+            out: Out::new(),
+            payload: Vec::new(),
+            batch: Vec::with_capacity(MAX_BATCH),
+        };
+        while !self.stopped() {
+            if let Err(e) = self.turn(&mut w) {
+                self.finish(End::Error(e.to_string()));
+                self.conn.shutdown(Shutdown::Both);
+            }
+        }
+    }
+
+    /// One turn: take a batch at the reader, execute it, send the replies.
+    fn turn(self: &Arc<Self>, w: &mut Worker) -> io::Result<()> {
+        self.idle.fetch_add(1, SeqCst);
+        let mut rd = self.reader.lock().unwrap_or_else(|p| p.into_inner());
+        self.idle.fetch_sub(1, SeqCst);
+        if self.stopped() {
+            return Ok(());
+        }
+        let gathered = self.gather(&mut rd, w);
+        if !self.stopped() && self.idle.load(SeqCst) == 0 {
+            self.spawn_worker();
+        }
+        drop(rd);
+        let executed = self.execute(w);
+        let sent = w.out.send(&self.conn, &self.writer);
+        gathered.and(executed).and(sent)
+    }
+
+    fn spawn_worker(self: &Arc<Self>) {
+        let mut hs = self.handles.lock().unwrap_or_else(|p| p.into_inner());
+        if self.stopped() || self.workers.load(SeqCst) >= MAX_WORKERS {
+            return;
+        }
+        let me = self.clone();
+        let n = self.workers.fetch_add(1, SeqCst);
+        match std::thread::Builder::new()
+            .name(format!("{}.{}", self.name, n))
+            .spawn(move || me.work())
+        {
+            Ok(h) => hs.push(h),
+            Err(e) => {
+                self.workers.fetch_sub(1, SeqCst);
+                warn!("cannot start a worker thread: {e}");
+            }
+        }
+    }
+
+    /// Takes requests from the stream into `w.batch`: at least one (waiting
+    /// for it), then as many as are already buffered and fit.
+    fn gather(&self, rd: &mut Reader, w: &mut Worker) -> io::Result<()> {
+        w.batch.clear();
+        let mut payload_used = 0usize;
+        let mut reply_bytes = 0usize;
+        while w.batch.len() < MAX_BATCH {
+            let first = w.batch.is_empty();
+            let req = match rd.peek(first) {
+                Ok(Some(r)) => r,
+                Ok(None) => break,
+                Err(e) => {
+                    self.read_failed(e);
+                    break;
+                }
+            };
+            let op = validate(&req, &self.neg, self.export.size(), self.export.read_only());
+            let len = req.length as usize;
+            match op {
+                Ok(Op::Write { .. }) if len > PAYLOAD_CAP => {
+                    if !first {
+                        break;
+                    }
+                    rd.consume_header();
+                    return self.stream_write(rd, w, &req);
+                }
+                Ok(Op::Write { .. }) => {
+                    let buffered = rd.buffered_len() >= crate::proto::consts::REQUEST_LEN + len;
+                    if !first && (!buffered || payload_used + len > PAYLOAD_CAP) {
+                        break;
+                    }
+                }
+                Ok(Op::Read { .. }) => {
+                    if !first && reply_bytes + len + 64 > OUT_CAP {
+                        break;
+                    }
+                    reply_bytes += len + 64;
+                }
+                _ => {}
+            }
+            rd.consume_header();
+            let mut at = 0;
+            match op {
+                Ok(Op::Write { .. }) => {
+                    at = payload_used;
+                    if w.payload.len() < at + len {
+                        w.payload.resize(at + len, 0);
+                    }
+                    if let Err(e) = rd.read_exact(&mut w.payload[at..at + len]) {
+                        self.read_failed(e);
+                        break;
+                    }
+                    payload_used += len;
+                }
+                Err(_) if req.payload_len() > 0 => {
+                    if let Err(e) = rd.skip(req.payload_len()) {
+                        self.read_failed(e);
+                        break;
+                    }
+                }
+                Ok(Op::Disc) => {
+                    self.finish(End::Disconnect);
+                    break;
+                }
+                _ => {}
+            }
+            w.batch.push(Item { req, op, at });
+        }
+        Ok(())
+    }
+
+    fn read_failed(&self, e: ReadError) {
+        match e {
+            ReadError::Eof => self.finish(End::Closed),
+            e => {
+                warn!("{}: {e}; closing the connection", self.name);
+                self.finish(End::Error(e.to_string()));
+            }
+        }
+    }
+}

@@ -1,0 +1,112 @@
+//! Tests of the image file layer on a real sparse file.
+
+use super::*;
+use std::os::unix::fs::MetadataExt;
+
+const MIB: u64 = 1 << 20;
+
+fn sparse(size: u64) -> (tempfile::NamedTempFile, Storage) {
+    let f = tempfile::NamedTempFile::new().unwrap();
+    f.as_file().set_len(size).unwrap();
+    let s = Storage::open(f.path(), false).unwrap();
+    (f, s)
+}
+
+fn allocated(f: &tempfile::NamedTempFile) -> u64 {
+    f.as_file().metadata().unwrap().blocks() * 512
+}
+
+#[test]
+fn zero_blocks_into_a_hole_keep_the_hole() {
+    let (f, s) = sparse(8 * MIB);
+    s.write_sparse_at(&vec![0u8; MIB as usize], MIB, false).unwrap();
+    s.sync().unwrap();
+    assert_eq!(allocated(&f), 0);
+    assert!(s.is_hole(0, 8 * MIB).unwrap());
+}
+
+#[test]
+fn mixed_write_allocates_only_data_blocks() {
+    let (f, s) = sparse(8 * MIB);
+    let mut buf = vec![0u8; MIB as usize];
+    buf[5 * 4096..6 * 4096].fill(0xab);
+    s.write_sparse_at(&buf, 2 * MIB, false).unwrap();
+    s.sync().unwrap();
+    assert!(allocated(&f) <= 64 * 1024, "allocated {}", allocated(&f));
+    let mut back = vec![1u8; MIB as usize];
+    s.read_at(&mut back, 2 * MIB).unwrap();
+    assert_eq!(back, buf);
+}
+
+#[test]
+fn zero_blocks_over_data_overwrite_the_data() {
+    let (_f, s) = sparse(MIB);
+    s.write_at(&[0xffu8; 8192], 0, false).unwrap();
+    s.write_sparse_at(&[0u8; 8192], 0, false).unwrap();
+    let mut back = [1u8; 8192];
+    s.read_at(&mut back, 0).unwrap();
+    assert!(back.iter().all(|&b| b == 0));
+}
+
+#[test]
+fn unaligned_sparse_write_roundtrips() {
+    let (_f, s) = sparse(MIB);
+    let buf: Vec<u8> = (0..20000u32).map(|i| (i % 7) as u8).collect();
+    s.write_sparse_at(&buf, 1234, true).unwrap();
+    let mut back = vec![0u8; buf.len()];
+    s.read_at(&mut back, 1234).unwrap();
+    assert_eq!(back, buf);
+}
+
+#[test]
+fn punch_and_extents() {
+    let (_f, s) = sparse(4 * MIB);
+    s.write_at(&vec![7u8; (2 * MIB) as usize], MIB, false).unwrap();
+    let e = s.extents(0, 4 * MIB, 100).unwrap();
+    assert_eq!(
+        e,
+        vec![
+            Extent { len: MIB, hole: true },
+            Extent { len: 2 * MIB, hole: false },
+            Extent { len: MIB, hole: true },
+        ]
+    );
+    s.punch_hole(MIB, MIB).unwrap();
+    let e = s.extents(0, 4 * MIB, 100).unwrap();
+    assert_eq!(
+        e,
+        vec![
+            Extent { len: 2 * MIB, hole: true },
+            Extent { len: MIB, hole: false },
+            Extent { len: MIB, hole: true },
+        ]
+    );
+    let e = s.extents(0, 4 * MIB, 1).unwrap();
+    assert_eq!(e, vec![Extent { len: 2 * MIB, hole: true }]);
+    // Clipped to the file size.
+    let e = s.extents(3 * MIB, 10 * MIB, 10).unwrap();
+    assert_eq!(e, vec![Extent { len: MIB, hole: true }]);
+}
+
+#[test]
+fn zero_modes() {
+    let (f, s) = sparse(4 * MIB);
+    s.write_at(&vec![9u8; (4 * MIB) as usize], 0, false).unwrap();
+    s.zero(0, MIB, ZeroMode::MayTrim, true).unwrap();
+    s.zero(MIB, MIB, ZeroMode::NoHole, false).unwrap();
+    s.sync().unwrap();
+    let mut back = vec![1u8; (2 * MIB) as usize];
+    s.read_at(&mut back, 0).unwrap();
+    assert!(is_zero(&back));
+    assert!(s.is_hole(0, MIB).unwrap());
+    assert!(!s.is_hole(MIB, MIB).unwrap());
+    assert!(allocated(&f) >= 3 * MIB);
+}
+
+#[test]
+fn read_past_eof_is_zero_filled() {
+    let (_f, s) = sparse(4096);
+    let mut b = [1u8; 100];
+    s.read_at(&mut b, 4090).unwrap();
+    assert!(b.iter().all(|&x| x == 0));
+}
