@@ -152,7 +152,14 @@ impl Export {
     }
 
     /// Makes the range read as zeroes, deallocating unless `no_hole`.
-    pub fn write_zeroes(&self, offset: u64, len: u64, no_hole: bool, fast: bool, fua: bool) -> Result<(), Error> {
+    pub fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        no_hole: bool,
+        fast: bool,
+        fua: bool,
+    ) -> Result<(), Error> {
         self.check_write(offset, len)?;
         let mode = if no_hole {
             ZeroMode::NoHole

@@ -22,6 +22,7 @@ pub mod client;
 pub mod control;
 pub mod daemon;
 pub mod export;
+pub mod mirror;
 pub mod server;
 pub mod storage;
 pub mod sys;

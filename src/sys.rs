@@ -94,7 +94,12 @@ pub fn fadvise_willneed(fd: BorrowedFd<'_>, offset: u64, len: u64) -> io::Result
 
 /// `sendfile(2)`: copies up to `len` bytes of `file` at `offset` into `out`
 /// (a socket) without passing them through user space.
-pub fn sendfile(out: BorrowedFd<'_>, file: BorrowedFd<'_>, offset: u64, len: usize) -> io::Result<usize> {
+pub fn sendfile(
+    out: BorrowedFd<'_>,
+    file: BorrowedFd<'_>,
+    offset: u64,
+    len: usize,
+) -> io::Result<usize> {
     let mut off = offset as libc::off64_t;
     // SAFETY: `off` is a local the kernel updates; both fds are valid for the borrow.
     let r = unsafe { libc::sendfile64(out.as_raw_fd(), file.as_raw_fd(), &mut off, len) };

@@ -2,7 +2,16 @@
 
 use super::serve::{ip_arg, port_arg};
 use super::Global;
+use crate::addr::Endpoint;
+use crate::client::{ConnectOptions, Connection};
+use anyhow::Context;
 use std::net::IpAddr;
+use std::os::fd::AsFd;
+
+/// Largest offset `read` and `write` accept.
+pub const MAX_FROM: u64 = 1 << 62;
+/// Largest single request `read` and `write` send.
+pub const MAX_SIZE: u64 = 1 << 30;
 
 /// Connect to the server at ADDR:PORT and read SIZE bytes at OFFSET in a single
 /// NBD request, writing them to stdout.
@@ -29,5 +38,59 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<i32> {
     args.global.apply();
-    anyhow::bail!("read is not available yet")
+    check_limits(args.from, args.size)?;
+    let endpoint = endpoint(&args.addr, args.port)?;
+    let mut conn = connect(&endpoint, args.bind)?;
+    if args.size > 0 {
+        let mut out = std::fs::File::from(
+            std::io::stdout()
+                .as_fd()
+                .try_clone_to_owned()
+                .context("cannot use stdout")?,
+        );
+        conn.read_to(args.from, args.size, &mut out)
+            .with_context(|| format!("read of {} bytes at {} failed", args.size, args.from))?;
+    }
+    conn.disconnect().context("disconnect failed")?;
+    Ok(0)
+}
+
+/// Checks `--from` and `--size` against the limits of the command line contract.
+pub(crate) fn check_limits(from: u64, size: u64) -> anyhow::Result<()> {
+    if from > MAX_FROM {
+        anyhow::bail!("--from {from} is too large (at most 2^62)");
+    }
+    if size > MAX_SIZE {
+        anyhow::bail!("--size {size} is too large (at most 2^30)");
+    }
+    Ok(())
+}
+
+/// The server to talk to: a path containing `/` is a unix socket, else IP and port.
+pub(crate) fn endpoint(addr: &str, port: Option<u16>) -> anyhow::Result<Endpoint> {
+    if !addr.contains('/') && port.is_none() {
+        anyhow::bail!("--port is required with an IP address");
+    }
+    let port = port.map(|p| p.to_string());
+    Ok(Endpoint::from_addr_port(addr, port.as_deref())?)
+}
+
+/// Connects and negotiates with the default options (simple replies).
+pub(crate) fn connect(endpoint: &Endpoint, bind: Option<IpAddr>) -> anyhow::Result<Connection> {
+    let opts = ConnectOptions {
+        bind,
+        ..ConnectOptions::default()
+    };
+    let conn = Connection::connect(endpoint, &opts)?;
+    crate::debug!(
+        "connected to {endpoint}: size {} flags {:#x}{}",
+        conn.size(),
+        conn.flags(),
+        if conn.is_oldstyle() {
+            " (old-style)"
+        } else {
+            ""
+        }
+    );
+    Ok(conn)
 }

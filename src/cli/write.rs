@@ -1,8 +1,11 @@
 //! `flexnbd write`: write bytes from stdin to an NBD server in one request.
 
+use super::read::{check_limits, connect, endpoint};
 use super::serve::{ip_arg, port_arg};
 use super::Global;
+use anyhow::Context;
 use std::net::IpAddr;
+use std::os::fd::AsFd;
 
 /// Connect to the server at ADDR:PORT and write SIZE bytes from stdin at OFFSET
 /// in a single NBD request.
@@ -29,5 +32,23 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<i32> {
     args.global.apply();
-    anyhow::bail!("write is not available yet")
+    check_limits(args.from, args.size)?;
+    let endpoint = endpoint(&args.addr, args.port)?;
+    let mut conn = connect(&endpoint, args.bind)?;
+    if args.size > 0 {
+        let mut input = std::fs::File::from(
+            std::io::stdin()
+                .as_fd()
+                .try_clone_to_owned()
+                .context("cannot use stdin")?,
+        );
+        conn.write_from(args.from, args.size, &mut input, false)
+            .with_context(|| format!("write of {} bytes at {} failed", args.size, args.from))?;
+        // The data is only as safe as the server's cache until it is flushed.
+        if conn.info().can_flush() {
+            conn.flush().context("flush after the write failed")?;
+        }
+    }
+    conn.disconnect().context("disconnect failed")?;
+    Ok(0)
 }

@@ -1,1 +1,222 @@
-//! NBD client.
+//! NBD client: connection set-up, handshake detection (old-style and fixed newstyle),
+//! blocking requests, and a pipelined sender/receiver pair for bulk copies.
+//!
+//! - [`Connection::connect`] opens TCP (optionally from a bound local address) or
+//!   unix sockets and negotiates an export; [`ExportInfo`] describes it.
+//! - [`Connection`] issues one request at a time; payloads of reads and writes are
+//!   streamed through a bounded buffer, so a 1 GiB request needs about 1 MiB.
+//! - [`Connection::into_pipeline`] splits a connection into a [`Sender`] and a
+//!   [`Receiver`] for use from two threads, with many requests in flight.
+//! - [`ShutdownHandle`] unblocks any thread stuck on the socket.
+
+mod connection;
+mod negotiate;
+mod pipeline;
+mod reply;
+mod transport;
+
+#[cfg(test)]
+mod fake;
+#[cfg(test)]
+mod tests_handshake;
+#[cfg(test)]
+mod tests_pipeline;
+#[cfg(test)]
+mod tests_transfer;
+
+pub use connection::Connection;
+pub use pipeline::{Completion, Receiver, Sender};
+pub use transport::ShutdownHandle;
+
+use crate::proto::consts::*;
+use crate::proto::NbdErrno;
+use std::io;
+use std::net::IpAddr;
+use std::time::Duration;
+
+/// Default time allowed for a TCP connect.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+/// Default time allowed for the greeting and each handshake reply.
+pub const GREETING_TIMEOUT: Duration = Duration::from_secs(5);
+/// Size of the buffer request payloads are streamed through.
+pub const STREAM_CHUNK: usize = 1 << 20;
+/// Write payloads up to this size go out in one system call with their header.
+const SMALL_WRITE: usize = 64 * 1024;
+
+/// Everything that can go wrong talking to an NBD server.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The connection could not be opened at all.
+    #[error("failed to connect to {endpoint}: {cause}")]
+    Connect { endpoint: String, cause: io::Error },
+    /// The server accepted the connection and closed it before sending a full
+    /// greeting (what a server does to a peer its access control list refuses).
+    #[error("connection rejected: the server closed it without a greeting")]
+    Rejected,
+    /// No greeting (or handshake reply) in time, or a greeting that is not NBD.
+    #[error("server failed to respond: {0}")]
+    NoResponse(String),
+    /// The server broke the protocol; the connection is unusable.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// The server refused a handshake option (unknown export, policy, ...).
+    #[error("server refused {option}: {reply}{message}")]
+    OptionRefused {
+        option: &'static str,
+        reply: &'static str,
+        /// The server's explanation, prefixed with ": ", or empty.
+        message: String,
+    },
+    /// The server closed the connection while a reply was expected.
+    #[error("connection closed by the server")]
+    Closed,
+    /// A socket error other than a timeout or a close.
+    #[error("I/O error: {0}")]
+    Io(io::Error),
+    /// The server answered a request with an error.
+    #[error("server replied with error {errno}{}", .message.as_deref().map(|m| format!(": {m}")).unwrap_or_default())]
+    Nbd {
+        errno: NbdErrno,
+        message: Option<String>,
+    },
+    /// A reply whose handle matches no request in flight.
+    #[error("reply with wrong handle {0:#x}")]
+    WrongHandle(u64),
+    /// No reply (or no progress on the socket) within the request timeout.
+    #[error("no reply within {}s", .0.as_secs_f64())]
+    Timeout(Duration),
+    /// The data source of a streamed write ended early; the request could not be completed.
+    #[error("input ended after {got} of {expected} bytes")]
+    ShortInput { expected: u64, got: u64 },
+    /// The data source of a streamed write failed.
+    #[error("reading the data to send failed: {0}")]
+    Input(io::Error),
+    /// The destination of a streamed read failed.
+    #[error("writing the data received failed: {0}")]
+    Output(io::Error),
+    /// The request cannot be sent (too long, not supported by the export, connection
+    /// already failed).
+    #[error("invalid request: {0}")]
+    Invalid(String),
+}
+
+impl ClientError {
+    /// True when the error leaves the connection usable for further requests.
+    pub fn connection_usable(&self) -> bool {
+        matches!(self, ClientError::Nbd { .. } | ClientError::Invalid(_))
+    }
+}
+
+/// How to open and negotiate a connection.
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    /// Local address to connect from (TCP only).
+    pub bind: Option<IpAddr>,
+    /// Time allowed for the TCP connect.
+    pub connect_timeout: Duration,
+    /// Time allowed for the greeting and for each reply during option haggling.
+    pub greeting_timeout: Duration,
+    /// The export to ask a newstyle server for.
+    pub export_name: String,
+    /// Ask a newstyle server for structured replies.
+    pub structured_replies: bool,
+    /// Socket timeout while waiting for a reply in the transmission phase; `None` waits forever.
+    pub request_timeout: Option<Duration>,
+}
+
+impl Default for ConnectOptions {
+    fn default() -> Self {
+        ConnectOptions {
+            bind: None,
+            connect_timeout: CONNECT_TIMEOUT,
+            greeting_timeout: GREETING_TIMEOUT,
+            export_name: String::new(),
+            structured_replies: false,
+            request_timeout: None,
+        }
+    }
+}
+
+/// Block size constraints a server announced with `NBD_INFO_BLOCK_SIZE`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockSize {
+    pub minimum: u32,
+    pub preferred: u32,
+    pub maximum: u32,
+}
+
+/// What the handshake established about the export and the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExportInfo {
+    /// Export size in bytes.
+    pub size: u64,
+    /// Transmission flags (`NBD_FLAG_*`).
+    pub flags: u16,
+    /// The server sent the old-style greeting (no option haggling happened).
+    pub oldstyle: bool,
+    /// Structured replies were negotiated.
+    pub structured_replies: bool,
+    /// Block size constraints, if the server sent them.
+    pub block_size: Option<BlockSize>,
+}
+
+impl ExportInfo {
+    fn has(&self, flag: u16) -> bool {
+        self.flags & FLAG_HAS_FLAGS != 0 && self.flags & flag != 0
+    }
+
+    pub fn read_only(&self) -> bool {
+        self.has(FLAG_READ_ONLY)
+    }
+
+    pub fn can_flush(&self) -> bool {
+        self.has(FLAG_SEND_FLUSH)
+    }
+
+    pub fn can_fua(&self) -> bool {
+        self.has(FLAG_SEND_FUA)
+    }
+
+    pub fn can_trim(&self) -> bool {
+        self.has(FLAG_SEND_TRIM)
+    }
+
+    pub fn can_write_zeroes(&self) -> bool {
+        self.has(FLAG_SEND_WRITE_ZEROES)
+    }
+}
+
+/// Checks that `len` bytes at `offset` form a valid request range.
+fn check_range(offset: u64, len: u64) -> Result<u32, ClientError> {
+    let l = u32::try_from(len)
+        .map_err(|_| ClientError::Invalid(format!("length {len} exceeds the NBD limit")))?;
+    offset
+        .checked_add(len)
+        .filter(|end| *end <= i64::MAX as u64)
+        .ok_or_else(|| ClientError::Invalid(format!("offset {offset} + length {len} overflows")))?;
+    Ok(l)
+}
+
+fn unsupported(what: &str) -> ClientError {
+    ClientError::Invalid(format!("the server does not support {what}"))
+}
+
+/// Replaces control characters in text a server sent, so messages stay on one line.
+fn printable(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
+}
+
+/// Maps a socket error during the transmission phase.
+fn io_error(e: io::Error, timeout: Option<Duration>) -> ClientError {
+    match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+            ClientError::Timeout(timeout.unwrap_or_default())
+        }
+        io::ErrorKind::UnexpectedEof
+        | io::ErrorKind::ConnectionReset
+        | io::ErrorKind::BrokenPipe => ClientError::Closed,
+        _ => ClientError::Io(e),
+    }
+}

@@ -35,6 +35,8 @@ pub enum Command {
     /// Change the speed limit of the running migration (bytes per second).
     MirrorMaxBps(u64),
     Break,
+    /// Wait until the running migration ends (used by `mirror --wait`).
+    MirrorWait,
 }
 
 /// Why a request was refused before reaching the daemon; `Display` is the reply text.
@@ -105,6 +107,7 @@ pub fn parse<S: AsRef<str>>(lines: &[S]) -> Result<Command, CommandError> {
             _ => Err(CommandError::MaxBpsParameterCount),
         },
         "break" => Ok(Command::Break),
+        "mirror_wait" => Ok(Command::MirrorWait),
         _ => Err(CommandError::UnknownCommand),
     }
 }
@@ -184,6 +187,7 @@ pub fn run(cmd: Command, h: &dyn Handler) -> Reply {
         Command::Mirror(req) => h.start_mirror(req),
         Command::MirrorMaxBps(n) => h.set_mirror_speed(n),
         Command::Break => h.break_mirror(),
+        Command::MirrorWait => h.wait_mirror(),
     }
 }
 

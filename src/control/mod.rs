@@ -116,6 +116,10 @@ pub trait Handler: Send + Sync {
     fn start_mirror(&self, req: MirrorRequest) -> Reply;
     fn set_mirror_speed(&self, bytes_per_sec: u64) -> Reply;
     fn break_mirror(&self) -> Reply;
+    /// Blocks until the running migration ends; `0` only when it succeeded.
+    fn wait_mirror(&self) -> Reply {
+        Reply::err(1, "not mirroring")
+    }
 }
 
 #[cfg(test)]

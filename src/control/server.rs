@@ -151,7 +151,12 @@ pub struct ControlServer {
     listener: UnixListener,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+    /// Connections being served.
+    busy: Arc<AtomicUsize>,
 }
+
+/// How long stopping waits for requests already being answered.
+const FINISH_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl ControlServer {
     /// Binds `path` with default [`Limits`] and starts serving.
@@ -173,11 +178,13 @@ impl ControlServer {
         let meta = fs::symlink_metadata(&path)?;
         let file_id = (meta.dev(), meta.ino());
         let stop = Arc::new(AtomicBool::new(false));
+        let busy = Arc::new(AtomicUsize::new(0));
         let spawned = listener.try_clone().and_then(|accepting| {
             let stop = Arc::clone(&stop);
+            let busy = Arc::clone(&busy);
             std::thread::Builder::new()
                 .name("control".into())
-                .spawn(move || accept_loop(accepting, handler, limits, stop))
+                .spawn(move || accept_loop(accepting, handler, limits, stop, busy))
         });
         let thread = match spawned {
             Ok(t) => t,
@@ -193,6 +200,7 @@ impl ControlServer {
             listener,
             stop,
             thread: Some(thread),
+            busy,
         })
     }
 
@@ -200,8 +208,8 @@ impl ControlServer {
         &self.path
     }
 
-    /// Stops accepting, waits for the accept thread and removes the socket file.
-    /// Requests already being served finish on their own threads.
+    /// Stops accepting, waits for the accept thread and (briefly) for requests
+    /// already being answered, and removes the socket file.
     pub fn stop(mut self) {
         self.shutdown();
     }
@@ -214,6 +222,10 @@ impl ControlServer {
         // shutdown(2) on the listening socket wakes the blocked accept(2) on Linux.
         let _ = socket2::SockRef::from(&self.listener).shutdown(std::net::Shutdown::Both);
         let _ = thread.join();
+        let deadline = std::time::Instant::now() + FINISH_TIMEOUT;
+        while self.busy.load(Ordering::SeqCst) > 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         if let Ok(m) = fs::symlink_metadata(&self.path) {
             if (m.dev(), m.ino()) == self.file_id {
                 let _ = fs::remove_file(&self.path);
@@ -273,8 +285,8 @@ fn accept_loop(
     handler: Arc<dyn Handler>,
     limits: Limits,
     stop: Arc<AtomicBool>,
+    busy: Arc<AtomicUsize>,
 ) {
-    let busy = Arc::new(AtomicUsize::new(0));
     loop {
         let accepted = listener.accept();
         if stop.load(Ordering::SeqCst) {

@@ -44,7 +44,10 @@ impl Conn {
     /// The peer's IP address; `None` for unix sockets.
     pub fn peer_ip(&self) -> Option<IpAddr> {
         match self {
-            Conn::Tcp(s) => s.peer_addr().ok().map(|a| crate::addr::canonical_ip(a.ip())),
+            Conn::Tcp(s) => s
+                .peer_addr()
+                .ok()
+                .map(|a| crate::addr::canonical_ip(a.ip())),
             Conn::Unix(_) => None,
         }
     }

@@ -193,7 +193,9 @@ impl Session {
         match self.export.read(&mut slot[hdr..], req.offset) {
             Ok(()) => {
                 if structured {
-                    slot[..hdr].copy_from_slice(&offset_data_header(req.cookie, req.offset, len as u32, true));
+                    slot[..hdr].copy_from_slice(&offset_data_header(
+                        req.cookie, req.offset, len as u32, true,
+                    ));
                 } else {
                     slot[..hdr].copy_from_slice(&SimpleReply::ok(req.cookie).encode());
                 }
@@ -207,7 +209,12 @@ impl Session {
     }
 
     /// A structured read as hole and data chunks following the extents.
-    fn read_sparse(&self, w: &mut Worker, req: &Request, ext: &[crate::storage::Extent]) -> io::Result<()> {
+    fn read_sparse(
+        &self,
+        w: &mut Worker,
+        req: &Request,
+        ext: &[crate::storage::Extent],
+    ) -> io::Result<()> {
         let len = req.length as u64;
         self.ensure_room(w, len as usize + 32 * (ext.len() + 1))?;
         let mark = w.out.mark();
@@ -223,7 +230,8 @@ impl Session {
             let elen = e.len.min(end - pos);
             let last = pos + elen == end;
             if e.hole {
-                w.out.push(&offset_hole_chunk(req.cookie, pos, elen as u32, last));
+                w.out
+                    .push(&offset_hole_chunk(req.cookie, pos, elen as u32, last));
             } else {
                 let slot = w.out.claim(28 + elen as usize);
                 if let Err(err) = self.export.read(&mut slot[28..], pos) {
@@ -251,7 +259,13 @@ impl Session {
         while pos < end {
             let n = ((end - pos) as usize).min(STREAM_PIECE);
             let last = pos + n as u64 == end;
-            if self.neg.structured && self.export.storage().is_hole(pos, n as u64).unwrap_or(false) {
+            if self.neg.structured
+                && self
+                    .export
+                    .storage()
+                    .is_hole(pos, n as u64)
+                    .unwrap_or(false)
+            {
                 c.write_all(&offset_hole_chunk(req.cookie, pos, n as u32, last))?;
                 pos += n as u64;
                 continue;
@@ -281,7 +295,12 @@ impl Session {
 
     /// A write too large to gather, executed while its payload streams in.
     /// Called with the reader held; the reply goes to the worker's buffer.
-    pub(super) fn stream_write(&self, rd: &mut Reader, w: &mut Worker, req: &Request) -> io::Result<()> {
+    pub(super) fn stream_write(
+        &self,
+        rd: &mut Reader,
+        w: &mut Worker,
+        req: &Request,
+    ) -> io::Result<()> {
         let fua = matches!(
             super::validate::validate(req, &self.neg, self.export.size(), self.export.read_only()),
             Ok(Op::Write { fua: true })
@@ -290,7 +309,10 @@ impl Session {
             w.payload.resize(PAYLOAD_CAP, 0);
         }
         let pass = self.export.gate().enter();
-        let mut result = pass.as_ref().map(|_| ()).map_err(|_| export::Error::Shutdown);
+        let mut result = pass
+            .as_ref()
+            .map(|_| ())
+            .map_err(|_| export::Error::Shutdown);
         let end = req.offset + req.length as u64;
         let mut pos = req.offset;
         while pos < end {

@@ -62,7 +62,8 @@ impl From<io::Error> for HandshakeError {
 
 /// Transmission flags for this export, given whether structured replies are on.
 pub fn transmission_flags(info: &ExportInfo, structured: bool) -> u16 {
-    let mut f = FLAG_HAS_FLAGS | FLAG_SEND_FLUSH | FLAG_SEND_FUA | FLAG_CAN_MULTI_CONN | FLAG_SEND_CACHE;
+    let mut f =
+        FLAG_HAS_FLAGS | FLAG_SEND_FLUSH | FLAG_SEND_FUA | FLAG_CAN_MULTI_CONN | FLAG_SEND_CACHE;
     if info.read_only {
         f |= FLAG_READ_ONLY;
     } else {
@@ -75,7 +76,11 @@ pub fn transmission_flags(info: &ExportInfo, structured: bool) -> u16 {
 }
 
 /// Runs the handshake; `Ok` means the transmission phase starts.
-pub fn negotiate(conn: &Conn, info: &ExportInfo, shutting_down: &AtomicBool) -> Result<Negotiated, HandshakeError> {
+pub fn negotiate(
+    conn: &Conn,
+    info: &ExportInfo,
+    shutting_down: &AtomicBool,
+) -> Result<Negotiated, HandshakeError> {
     let mut c = conn;
     if info.oldstyle {
         let flags = transmission_flags(info, false);
@@ -174,7 +179,11 @@ impl Haggle<'_> {
                 }
                 let n = self.negotiated();
                 let mut c = self.conn;
-                c.write_all(&export_name_reply(self.info.size, n.flags, self.cflags.no_zeroes))?;
+                c.write_all(&export_name_reply(
+                    self.info.size,
+                    n.flags,
+                    self.cflags.no_zeroes,
+                ))?;
                 Ok(Some(n))
             }
             OPT_ABORT => {
@@ -198,7 +207,11 @@ impl Haggle<'_> {
             OPT_INFO | OPT_GO => self.info_go(opt, data),
             OPT_STRUCTURED_REPLY => {
                 if !data.is_empty() {
-                    self.error(opt, REP_ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data")?;
+                    self.error(
+                        opt,
+                        REP_ERR_INVALID,
+                        "NBD_OPT_STRUCTURED_REPLY takes no data",
+                    )?;
                 } else {
                     self.structured = true;
                     self.reply(opt, REP_ACK, &[])?;
@@ -244,7 +257,11 @@ impl Haggle<'_> {
 
     fn meta_context(&mut self, opt: u32, data: &[u8]) -> io::Result<()> {
         if !self.structured {
-            return self.error(opt, REP_ERR_INVALID, "structured replies must be negotiated first");
+            return self.error(
+                opt,
+                REP_ERR_INVALID,
+                "structured replies must be negotiated first",
+            );
         }
         let req = match MetaContextRequest::parse(data) {
             Ok(r) => r,
@@ -265,7 +282,11 @@ impl Haggle<'_> {
         };
         if selected {
             let id = if list { 0 } else { BASE_ALLOCATION_ID };
-            self.reply(opt, REP_META_CONTEXT, &rep_meta_context(id, BASE_ALLOCATION))?;
+            self.reply(
+                opt,
+                REP_META_CONTEXT,
+                &rep_meta_context(id, BASE_ALLOCATION),
+            )?;
         }
         if !list {
             self.base_allocation = selected;

@@ -150,7 +150,10 @@ impl Server {
 
     /// Whether a peer may connect now.
     pub fn allows(&self, peer: IpAddr) -> bool {
-        self.acl.read().unwrap_or_else(|p| p.into_inner()).allows(peer)
+        self.acl
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .allows(peer)
     }
 
     pub fn num_clients(&self) -> usize {
@@ -214,7 +217,10 @@ impl Server {
         }
         let id = self.next_id.fetch_add(1, SeqCst);
         let Some(migration) = self.admit(id) else {
-            info!("refused connection from {}: a migration is already arriving", conn.peer_name());
+            info!(
+                "refused connection from {}: a migration is already arriving",
+                conn.peer_name()
+            );
             conn.shutdown(Shutdown::Both);
             return;
         };
@@ -235,7 +241,12 @@ impl Server {
             .spawn(move || {
                 let end = me.serve_client(id, conn, migration);
                 me.release_sender(id);
-                if let Some(h) = me.end_hook.read().unwrap_or_else(|p| p.into_inner()).as_ref() {
+                if let Some(h) = me
+                    .end_hook
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .as_ref()
+                {
                     h(&end);
                 }
                 me.forget(id);

@@ -13,14 +13,26 @@ pub const MAX_DF_READ: u32 = (OUT_CAP - 4096) as u32;
 /// What a valid request asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Op {
-    Read { df: bool },
-    Write { fua: bool },
+    Read {
+        df: bool,
+    },
+    Write {
+        fua: bool,
+    },
     Disc,
     Flush,
-    Trim { fua: bool },
-    Zero { no_hole: bool, fast: bool, fua: bool },
+    Trim {
+        fua: bool,
+    },
+    Zero {
+        no_hole: bool,
+        fast: bool,
+        fua: bool,
+    },
     Cache,
-    BlockStatus { one: bool },
+    BlockStatus {
+        one: bool,
+    },
 }
 
 /// A refused request: the error and a message for structured error chunks.
@@ -35,7 +47,12 @@ fn refuse(errno: NbdErrno, msg: &'static str) -> Refusal {
 }
 
 /// Validates a request for an export of `size` bytes.
-pub fn validate(req: &Request, neg: &Negotiated, size: u64, read_only: bool) -> Result<Op, Refusal> {
+pub fn validate(
+    req: &Request,
+    neg: &Negotiated,
+    size: u64,
+    read_only: bool,
+) -> Result<Op, Refusal> {
     use NbdErrno::*;
     let mut allowed = req.command.allowed_flags();
     if !neg.structured {
@@ -152,23 +169,107 @@ mod tests {
     fn error_codes() {
         let n = neg(true);
         use NbdErrno::*;
-        assert_eq!(errno(validate(&req(Command::Read, 0, SIZE, 1), &n, SIZE, false)), Some(Inval));
-        assert_eq!(errno(validate(&req(Command::Write, 0, SIZE - 1, 2), &n, SIZE, false)), Some(NoSpc));
-        assert_eq!(errno(validate(&req(Command::Write, 0, 0, 1), &n, SIZE, true)), Some(Perm));
-        assert_eq!(errno(validate(&req(Command::Trim, 0, 0, 1), &n, SIZE, true)), Some(Perm));
-        assert_eq!(errno(validate(&req(Command::WriteZeroes, 0, SIZE, 1), &n, SIZE, false)), Some(NoSpc));
-        assert_eq!(errno(validate(&req(Command::Unknown(42), 0, 0, 0), &n, SIZE, false)), Some(Inval));
-        assert_eq!(errno(validate(&req(Command::Read, 1 << 7, 0, 1), &n, SIZE, false)), Some(Inval));
-        assert_eq!(errno(validate(&req(Command::Write, CMD_FLAG_DF, 0, 1), &n, SIZE, false)), Some(Inval));
-        assert_eq!(errno(validate(&req(Command::Read, CMD_FLAG_DF, 0, 1), &neg(false), SIZE, false)), Some(Inval));
-        assert_eq!(errno(validate(&req(Command::BlockStatus, 0, 0, 1), &neg(false), SIZE, false)), Some(Inval));
-        assert_eq!(errno(validate(&req(Command::Read, CMD_FLAG_DF, 0, 8 << 20), &n, SIZE, false)), Some(Overflow));
-        assert_eq!(errno(validate(&req(Command::Read, 0, u64::MAX, 10), &n, SIZE, false)), Some(Inval));
         assert_eq!(
-            validate(&req(Command::Read, CMD_FLAG_FUA | CMD_FLAG_DF, 0, 512), &n, SIZE, false),
+            errno(validate(&req(Command::Read, 0, SIZE, 1), &n, SIZE, false)),
+            Some(Inval)
+        );
+        assert_eq!(
+            errno(validate(
+                &req(Command::Write, 0, SIZE - 1, 2),
+                &n,
+                SIZE,
+                false
+            )),
+            Some(NoSpc)
+        );
+        assert_eq!(
+            errno(validate(&req(Command::Write, 0, 0, 1), &n, SIZE, true)),
+            Some(Perm)
+        );
+        assert_eq!(
+            errno(validate(&req(Command::Trim, 0, 0, 1), &n, SIZE, true)),
+            Some(Perm)
+        );
+        assert_eq!(
+            errno(validate(
+                &req(Command::WriteZeroes, 0, SIZE, 1),
+                &n,
+                SIZE,
+                false
+            )),
+            Some(NoSpc)
+        );
+        assert_eq!(
+            errno(validate(
+                &req(Command::Unknown(42), 0, 0, 0),
+                &n,
+                SIZE,
+                false
+            )),
+            Some(Inval)
+        );
+        assert_eq!(
+            errno(validate(&req(Command::Read, 1 << 7, 0, 1), &n, SIZE, false)),
+            Some(Inval)
+        );
+        assert_eq!(
+            errno(validate(
+                &req(Command::Write, CMD_FLAG_DF, 0, 1),
+                &n,
+                SIZE,
+                false
+            )),
+            Some(Inval)
+        );
+        assert_eq!(
+            errno(validate(
+                &req(Command::Read, CMD_FLAG_DF, 0, 1),
+                &neg(false),
+                SIZE,
+                false
+            )),
+            Some(Inval)
+        );
+        assert_eq!(
+            errno(validate(
+                &req(Command::BlockStatus, 0, 0, 1),
+                &neg(false),
+                SIZE,
+                false
+            )),
+            Some(Inval)
+        );
+        assert_eq!(
+            errno(validate(
+                &req(Command::Read, CMD_FLAG_DF, 0, 8 << 20),
+                &n,
+                SIZE,
+                false
+            )),
+            Some(Overflow)
+        );
+        assert_eq!(
+            errno(validate(
+                &req(Command::Read, 0, u64::MAX, 10),
+                &n,
+                SIZE,
+                false
+            )),
+            Some(Inval)
+        );
+        assert_eq!(
+            validate(
+                &req(Command::Read, CMD_FLAG_FUA | CMD_FLAG_DF, 0, 512),
+                &n,
+                SIZE,
+                false
+            ),
             Ok(Op::Read { df: true })
         );
-        assert_eq!(validate(&req(Command::Read, 0, SIZE, 0), &n, SIZE, false), Ok(Op::Read { df: false }));
+        assert_eq!(
+            validate(&req(Command::Read, 0, SIZE, 0), &n, SIZE, false),
+            Ok(Op::Read { df: false })
+        );
     }
 
     proptest! {

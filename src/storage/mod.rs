@@ -56,10 +56,7 @@ pub struct Storage {
 impl Storage {
     /// Opens an existing file (or block device); its current size is the export size.
     pub fn open(path: &Path, read_only: bool) -> io::Result<Storage> {
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .open(path)?;
+        let mut file = OpenOptions::new().read(true).write(!read_only).open(path)?;
         let meta = file.metadata()?;
         if meta.is_dir() {
             return Err(io::Error::new(
@@ -202,7 +199,13 @@ impl Storage {
 
     /// Makes the range read as zeroes. With `fast_only`, fails with
     /// [`ZeroError::NotFast`] instead of writing zeroes.
-    pub fn zero(&self, offset: u64, len: u64, mode: ZeroMode, fast_only: bool) -> Result<(), ZeroError> {
+    pub fn zero(
+        &self,
+        offset: u64,
+        len: u64,
+        mode: ZeroMode,
+        fast_only: bool,
+    ) -> Result<(), ZeroError> {
         if len == 0 {
             return Ok(());
         }
@@ -215,7 +218,8 @@ impl Storage {
                         return Err(e);
                     }
                     self.punch_hole(offset, len)?;
-                    sys::fallocate(self.fd(), sys::FALLOC_ALLOCATE, offset, len).map_err(unsupported)
+                    sys::fallocate(self.fd(), sys::FALLOC_ALLOCATE, offset, len)
+                        .map_err(unsupported)
                 }),
         };
         match fast {

@@ -19,7 +19,8 @@ fn allocated(f: &tempfile::NamedTempFile) -> u64 {
 #[test]
 fn zero_blocks_into_a_hole_keep_the_hole() {
     let (f, s) = sparse(8 * MIB);
-    s.write_sparse_at(&vec![0u8; MIB as usize], MIB, false).unwrap();
+    s.write_sparse_at(&vec![0u8; MIB as usize], MIB, false)
+        .unwrap();
     s.sync().unwrap();
     assert_eq!(allocated(&f), 0);
     assert!(s.is_hole(0, 8 * MIB).unwrap());
@@ -61,14 +62,24 @@ fn unaligned_sparse_write_roundtrips() {
 #[test]
 fn punch_and_extents() {
     let (_f, s) = sparse(4 * MIB);
-    s.write_at(&vec![7u8; (2 * MIB) as usize], MIB, false).unwrap();
+    s.write_at(&vec![7u8; (2 * MIB) as usize], MIB, false)
+        .unwrap();
     let e = s.extents(0, 4 * MIB, 100).unwrap();
     assert_eq!(
         e,
         vec![
-            Extent { len: MIB, hole: true },
-            Extent { len: 2 * MIB, hole: false },
-            Extent { len: MIB, hole: true },
+            Extent {
+                len: MIB,
+                hole: true
+            },
+            Extent {
+                len: 2 * MIB,
+                hole: false
+            },
+            Extent {
+                len: MIB,
+                hole: true
+            },
         ]
     );
     s.punch_hole(MIB, MIB).unwrap();
@@ -76,22 +87,44 @@ fn punch_and_extents() {
     assert_eq!(
         e,
         vec![
-            Extent { len: 2 * MIB, hole: true },
-            Extent { len: MIB, hole: false },
-            Extent { len: MIB, hole: true },
+            Extent {
+                len: 2 * MIB,
+                hole: true
+            },
+            Extent {
+                len: MIB,
+                hole: false
+            },
+            Extent {
+                len: MIB,
+                hole: true
+            },
         ]
     );
     let e = s.extents(0, 4 * MIB, 1).unwrap();
-    assert_eq!(e, vec![Extent { len: 2 * MIB, hole: true }]);
+    assert_eq!(
+        e,
+        vec![Extent {
+            len: 2 * MIB,
+            hole: true
+        }]
+    );
     // Clipped to the file size.
     let e = s.extents(3 * MIB, 10 * MIB, 10).unwrap();
-    assert_eq!(e, vec![Extent { len: MIB, hole: true }]);
+    assert_eq!(
+        e,
+        vec![Extent {
+            len: MIB,
+            hole: true
+        }]
+    );
 }
 
 #[test]
 fn zero_modes() {
     let (f, s) = sparse(4 * MIB);
-    s.write_at(&vec![9u8; (4 * MIB) as usize], 0, false).unwrap();
+    s.write_at(&vec![9u8; (4 * MIB) as usize], 0, false)
+        .unwrap();
     s.zero(0, MIB, ZeroMode::MayTrim, true).unwrap();
     s.zero(MIB, MIB, ZeroMode::NoHole, false).unwrap();
     s.sync().unwrap();

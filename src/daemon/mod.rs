@@ -1,19 +1,18 @@
 //! Wiring: builds the export, starts listeners and the control socket, waits
 //! for signals, and shuts down cleanly.
 
-use crate::acl::{Acl, AclEntry};
+use crate::acl::Acl;
 use crate::addr::Endpoint;
 use crate::cli::listen::Rebind;
 use crate::cli::serve::ServeOpts;
 use crate::control::server::ControlServer;
-use crate::control::{Handler, MirrorRequest, Reply, Status};
 use crate::export::Export;
 use crate::server::{Admission, Bound, Config, End, Listener, Server};
 use anyhow::{anyhow, bail, Context};
 use signal_hook::consts::{SIGINT, SIGQUIT, SIGTERM};
 use signal_hook::iterator::Signals;
-use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,12 +26,30 @@ pub enum Mode {
     Listen,
 }
 
+mod state;
+
+use state::{Control, Daemon};
+
 /// Things the main thread waits for.
 #[derive(Debug)]
 enum Event {
     Signal(i32),
     /// An incoming migration completed: this server now owns the image.
     ControlArrived,
+    /// An outgoing migration completed: the destination owns the image now.
+    HandedOver,
+}
+
+/// The per-request timeout of a migration: `FLEXNBD_MS_REQUEST_LIMIT_SECS`
+/// (fractions allowed), 60 s by default.
+fn request_timeout() -> anyhow::Result<Duration> {
+    match std::env::var("FLEXNBD_MS_REQUEST_LIMIT_SECS") {
+        Err(_) => Ok(crate::mirror::REQUEST_TIMEOUT),
+        Ok(v) => match v.trim().parse::<f64>() {
+            Ok(s) if s.is_finite() && s > 0.0 && s < 1e9 => Ok(Duration::from_secs_f64(s)),
+            _ => bail!("FLEXNBD_MS_REQUEST_LIMIT_SECS: not a positive number of seconds: {v:?}"),
+        },
+    }
 }
 
 /// `FILE.INCOMPLETE`, present while a listener has not received a whole migration.
@@ -85,43 +102,6 @@ fn bind_retrying(ep: &Endpoint, rx: &mpsc::Receiver<Event>) -> Result<Bound, i32
     }
 }
 
-/// The running server as the control socket sees it.
-struct Daemon {
-    server: Arc<Server>,
-    has_control: AtomicBool,
-    clients_allowed: AtomicBool,
-}
-
-impl Handler for Daemon {
-    fn status(&self) -> Status {
-        Status {
-            pid: std::process::id(),
-            size: self.server.export().size(),
-            is_mirroring: false,
-            clients_allowed: self.clients_allowed.load(SeqCst),
-            num_clients: self.server.num_clients() as u64,
-            has_control: self.has_control.load(SeqCst),
-            migration: None,
-        }
-    }
-
-    fn set_acl(&self, entries: Vec<AclEntry>) {
-        self.server.set_acl(entries);
-    }
-
-    fn start_mirror(&self, _req: MirrorRequest) -> Reply {
-        Reply::err(1, "mirroring is not supported by this server")
-    }
-
-    fn set_mirror_speed(&self, _bytes_per_sec: u64) -> Reply {
-        Reply::err(1, "Not currently mirroring")
-    }
-
-    fn break_mirror(&self) -> Reply {
-        Reply::err(1, "not mirroring")
-    }
-}
-
 /// The endpoints to listen on from `--addr`/`--port` and `--unix`.
 fn endpoints(opts: &ServeOpts) -> anyhow::Result<Vec<Endpoint>> {
     let mut eps = Vec::new();
@@ -150,6 +130,7 @@ fn endpoints(opts: &ServeOpts) -> anyhow::Result<Vec<Endpoint>> {
 
 pub fn run(mode: Mode, opts: &ServeOpts, rebind: Option<Rebind>) -> anyhow::Result<i32> {
     let eps = endpoints(opts)?;
+    let request_timeout = request_timeout()?;
     let acl = Acl::parse(&opts.acl, opts.default_deny)?;
     if !opts.file.exists() {
         bail!("{}: file does not exist", opts.file.display());
@@ -166,7 +147,8 @@ pub fn run(mode: Mode, opts: &ServeOpts, rebind: Option<Rebind>) -> anyhow::Resu
     );
 
     let (tx, rx) = mpsc::channel::<Event>();
-    let mut signals = Signals::new([SIGINT, SIGTERM, SIGQUIT]).context("cannot install signal handlers")?;
+    let mut signals =
+        Signals::new([SIGINT, SIGTERM, SIGQUIT]).context("cannot install signal handlers")?;
     let signal_handle = signals.handle();
     let stx = tx.clone();
     std::thread::Builder::new()
@@ -200,12 +182,18 @@ pub fn run(mode: Mode, opts: &ServeOpts, rebind: Option<Rebind>) -> anyhow::Resu
 
     let daemon = Arc::new(Daemon {
         server: server.clone(),
+        export: export.clone(),
+        file: opts.file.clone(),
         has_control: AtomicBool::new(mode == Mode::Serve),
         clients_allowed: AtomicBool::new(mode == Mode::Serve),
+        shutting_down: AtomicBool::new(false),
+        mirror: std::sync::Mutex::new(None),
+        events: std::sync::Mutex::new(tx.clone()),
+        request_timeout,
     });
     let control = match &opts.sock {
         Some(p) => Some(
-            ControlServer::start(p, daemon.clone())
+            ControlServer::start(p, Arc::new(Control(daemon.clone())))
                 .with_context(|| format!("cannot open control socket {}", p.display()))?,
         ),
         None => None,
@@ -218,8 +206,15 @@ pub fn run(mode: Mode, opts: &ServeOpts, rebind: Option<Rebind>) -> anyhow::Resu
                 if daemon.has_control.load(SeqCst) {
                     break 0;
                 }
-                warn!("stopped before a migration arrived; {} stays", marker.display());
+                warn!(
+                    "stopped before a migration arrived; {} stays",
+                    marker.display()
+                );
                 break 1;
+            }
+            Ok(Event::HandedOver) => {
+                info!("image handed over: shutting down");
+                break 0;
             }
             Ok(Event::ControlArrived) => {
                 if let Err(e) = export.flush() {
@@ -245,8 +240,22 @@ pub fn run(mode: Mode, opts: &ServeOpts, rebind: Option<Rebind>) -> anyhow::Resu
         }
     };
 
+    daemon.shutting_down.store(true, SeqCst);
     for l in listeners {
         l.stop();
+    }
+    let handed_over = daemon
+        .mirror
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .as_ref()
+        .is_some_and(|m| m.finish() == Some(crate::mirror::Finish::HandedOver));
+    if handed_over {
+        // Requests held back during the hand-over must not run here any more.
+        export.gate().shut();
+    } else if let Some(m) = daemon.running_mirror() {
+        info!("stopping the migration");
+        m.stop();
     }
     server.begin_shutdown();
     if !server.wait_idle(DRAIN_TIMEOUT) {

@@ -1,0 +1,249 @@
+//! Pipelined use of a connection: a [`Sender`] that puts requests with
+//! caller-chosen cookies on the wire and a [`Receiver`] that collects their
+//! completions in whatever order the server answers, each on its own thread.
+
+use super::reply::{read_header, ReplyState, Sink};
+use super::transport::{ShutdownHandle, Stream};
+use super::{check_range, io_error, unsupported, ClientError, ExportInfo, SMALL_WRITE};
+use crate::proto::consts::*;
+use crate::proto::{Command, ReplyHeader, Request};
+use std::collections::{HashMap, HashSet};
+use std::io::Write;
+use std::net::Shutdown;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+/// Cookies of the requests sent and not yet completed.
+#[derive(Debug, Default)]
+struct InFlight(Mutex<HashSet<u64>>);
+
+impl InFlight {
+    fn lock(&self) -> MutexGuard<'_, HashSet<u64>> {
+        // The set stays consistent even if a holder panicked.
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The completion of one pipelined request.
+#[derive(Debug)]
+pub struct Completion {
+    pub cookie: u64,
+    /// `Err` is always [`ClientError::Nbd`]: the server refused this request.
+    pub result: Result<(), ClientError>,
+}
+
+/// The sending half of a pipelined connection.
+#[derive(Debug)]
+pub struct Sender {
+    stream: Arc<Stream>,
+    info: ExportInfo,
+    timeout: Duration,
+    in_flight: Arc<InFlight>,
+    scratch: Vec<u8>,
+}
+
+/// The receiving half of a pipelined connection.
+#[derive(Debug)]
+pub struct Receiver {
+    stream: Arc<Stream>,
+    info: ExportInfo,
+    timeout: Duration,
+    in_flight: Arc<InFlight>,
+    partial: HashMap<u64, ReplyState>,
+}
+
+pub(crate) fn split(
+    stream: Arc<Stream>,
+    info: ExportInfo,
+    timeout: Duration,
+) -> (Sender, Receiver) {
+    let in_flight = Arc::new(InFlight::default());
+    let sender = Sender {
+        stream: Arc::clone(&stream),
+        info,
+        timeout,
+        in_flight: Arc::clone(&in_flight),
+        scratch: Vec::new(),
+    };
+    let receiver = Receiver {
+        stream,
+        info,
+        timeout,
+        in_flight,
+        partial: HashMap::new(),
+    };
+    (sender, receiver)
+}
+
+impl Sender {
+    pub fn info(&self) -> &ExportInfo {
+        &self.info
+    }
+
+    /// Number of requests sent and not yet completed.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.lock().len()
+    }
+
+    /// A handle that shuts the connection down from another thread.
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle(Arc::clone(&self.stream))
+    }
+
+    /// Sends a WRITE of `data` at `offset`.
+    pub fn write(
+        &mut self,
+        cookie: u64,
+        offset: u64,
+        data: &[u8],
+        fua: bool,
+    ) -> Result<(), ClientError> {
+        let flags = match fua {
+            true if !self.info.can_fua() => return Err(unsupported("FUA")),
+            true => CMD_FLAG_FUA,
+            false => 0,
+        };
+        let len = check_range(offset, data.len() as u64)?;
+        self.send(
+            Request::new(Command::Write, flags, cookie, offset, len),
+            data,
+        )
+    }
+
+    /// Sends a WRITE_ZEROES of `len` bytes at `offset`.
+    pub fn write_zeroes(
+        &mut self,
+        cookie: u64,
+        offset: u64,
+        len: u64,
+        no_hole: bool,
+    ) -> Result<(), ClientError> {
+        if !self.info.can_write_zeroes() {
+            return Err(unsupported("WRITE_ZEROES"));
+        }
+        let flags = if no_hole { CMD_FLAG_NO_HOLE } else { 0 };
+        let len = check_range(offset, len)?;
+        self.send(
+            Request::new(Command::WriteZeroes, flags, cookie, offset, len),
+            &[],
+        )
+    }
+
+    /// Sends a TRIM of `len` bytes at `offset`.
+    pub fn trim(&mut self, cookie: u64, offset: u64, len: u64) -> Result<(), ClientError> {
+        if !self.info.can_trim() {
+            return Err(unsupported("TRIM"));
+        }
+        let len = check_range(offset, len)?;
+        self.send(Request::new(Command::Trim, 0, cookie, offset, len), &[])
+    }
+
+    /// Sends a FLUSH.
+    pub fn flush(&mut self, cookie: u64) -> Result<(), ClientError> {
+        if !self.info.can_flush() {
+            return Err(unsupported("FLUSH"));
+        }
+        self.send(Request::new(Command::Flush, 0, cookie, 0, 0), &[])
+    }
+
+    /// Sends NBD_CMD_DISC (which has no reply) and stops sending. The receiver
+    /// still collects replies to earlier requests, then sees the end of the stream.
+    pub fn disconnect(&mut self) -> Result<(), ClientError> {
+        let header = Request::new(Command::Disc, 0, 0, 0, 0).encode();
+        let mut w = &*self.stream;
+        w.write_all(&header)
+            .map_err(|e| io_error(e, Some(self.timeout)))?;
+        let _ = self.stream.shutdown(Shutdown::Write);
+        Ok(())
+    }
+
+    fn send(&mut self, req: Request, payload: &[u8]) -> Result<(), ClientError> {
+        if !self.in_flight.lock().insert(req.cookie) {
+            return Err(ClientError::Invalid(format!(
+                "cookie {:#x} is already in flight",
+                req.cookie
+            )));
+        }
+        let header = req.encode();
+        let mut w = &*self.stream;
+        let r = if !payload.is_empty() && payload.len() <= SMALL_WRITE {
+            self.scratch.clear();
+            self.scratch.extend_from_slice(&header);
+            self.scratch.extend_from_slice(payload);
+            w.write_all(&self.scratch)
+        } else {
+            w.write_all(&header).and_then(|_| w.write_all(payload))
+        };
+        r.map_err(|e| io_error(e, Some(self.timeout)))
+    }
+}
+
+impl Receiver {
+    pub fn info(&self) -> &ExportInfo {
+        &self.info
+    }
+
+    /// Number of requests sent and not yet completed.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.lock().len()
+    }
+
+    /// A handle that shuts the connection down from another thread.
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle(Arc::clone(&self.stream))
+    }
+
+    /// Waits for the next completed request. `Ok(None)`: the connection ended
+    /// with nothing in flight (after a disconnect or a shutdown). While requests
+    /// are in flight, silence longer than the request timeout is
+    /// [`ClientError::Timeout`]. Any `Err` means the connection is finished.
+    pub fn recv(&mut self) -> Result<Option<Completion>, ClientError> {
+        let s = &*self.stream;
+        let timeout = Some(self.timeout);
+        loop {
+            let in_flight = &self.in_flight;
+            let idle = || in_flight.lock().is_empty();
+            let Some(h) = read_header(s, timeout, &idle)? else {
+                return if idle() {
+                    Ok(None)
+                } else {
+                    Err(ClientError::Closed)
+                };
+            };
+            let cookie = h.cookie();
+            if !self.in_flight.lock().contains(&cookie) {
+                return Err(ClientError::WrongHandle(cookie));
+            }
+            let mut state = match self.partial.remove(&cookie) {
+                Some(st) => st,
+                None => ReplyState::new(0, 0, timeout),
+            };
+            let done = match h {
+                ReplyHeader::Simple(r) => {
+                    if state.started() {
+                        return Err(ClientError::Protocol(
+                            "simple reply after structured chunks".into(),
+                        ));
+                    }
+                    state.simple(s, r, &mut Sink::Nothing)?;
+                    true
+                }
+                ReplyHeader::Chunk(c) => {
+                    if !self.info.structured_replies {
+                        return Err(ClientError::Protocol(
+                            "structured reply chunk without negotiation".into(),
+                        ));
+                    }
+                    state.chunk(s, c, &mut Sink::Nothing)?
+                }
+            };
+            if done {
+                self.in_flight.lock().remove(&cookie);
+                let result = state.outcome().map_err(|f| f.into_error());
+                return Ok(Some(Completion { cookie, result }));
+            }
+            state.mark_started();
+            self.partial.insert(cookie, state);
+        }
+    }
+}
