@@ -11,12 +11,11 @@ use crate::proto::reply::{
 };
 use crate::proto::{NbdErrno, Request, SimpleReply};
 use crate::server::handshake::BASE_ALLOCATION_ID;
+use crate::storage::Extent;
 use std::io::{self, Write};
 
 /// Reads at least this long are checked for holes (sent as hole chunks).
 const HOLE_READ_MIN: usize = 64 * 1024;
-/// Most extents looked up for one read.
-const READ_EXTENTS: usize = 32;
 /// Most descriptors in one BLOCK_STATUS reply.
 const MAX_EXTENTS: usize = 1 << 14;
 /// Room kept for one error reply.
@@ -144,7 +143,7 @@ impl Session {
         let max = if one { 1 } else { MAX_EXTENTS };
         let ext = match self.export.extents(req.offset, req.length as u64, max) {
             Ok(e) if !e.is_empty() => e,
-            Ok(_) => vec![crate::storage::Extent {
+            Ok(_) => vec![Extent {
                 len: req.length as u64,
                 hole: false,
             }],
@@ -180,8 +179,19 @@ impl Session {
             return Ok(());
         }
         if structured && !df && len >= HOLE_READ_MIN {
-            if let Ok(ext) = self.export.extents(req.offset, len as u64, READ_EXTENTS) {
-                if ext.iter().any(|e| e.hole) {
+            let storage = self.export.storage();
+            if let Ok(lead) = storage.leading_hole(req.offset, len as u64) {
+                if lead > 0 {
+                    let mut ext = vec![Extent {
+                        len: lead,
+                        hole: true,
+                    }];
+                    if lead < len as u64 {
+                        ext.push(Extent {
+                            len: len as u64 - lead,
+                            hole: false,
+                        });
+                    }
                     return self.read_sparse(w, req, &ext);
                 }
             }
@@ -209,12 +219,7 @@ impl Session {
     }
 
     /// A structured read as hole and data chunks following the extents.
-    fn read_sparse(
-        &self,
-        w: &mut Worker,
-        req: &Request,
-        ext: &[crate::storage::Extent],
-    ) -> io::Result<()> {
+    fn read_sparse(&self, w: &mut Worker, req: &Request, ext: &[Extent]) -> io::Result<()> {
         let len = req.length as u64;
         self.ensure_room(w, len as usize + 32 * (ext.len() + 1))?;
         let mark = w.out.mark();
@@ -222,7 +227,7 @@ impl Session {
         let end = req.offset + len;
         let covered: u64 = ext.iter().map(|e| e.len).sum();
         // Extents may stop short; the rest is sent as data.
-        let tail = (covered < len).then_some(crate::storage::Extent {
+        let tail = (covered < len).then_some(Extent {
             len: len - covered,
             hole: false,
         });

@@ -189,6 +189,18 @@ impl Storage {
         }
     }
 
+    /// Length of the hole at the start of `[offset, offset + len)` (0 when data
+    /// starts there). One `SEEK_DATA`, which stays cheap on every file system;
+    /// unlike `SEEK_HOLE`, which on tmpfs walks every page up to the next hole.
+    pub fn leading_hole(&self, offset: u64, len: u64) -> io::Result<u64> {
+        match sys::seek_data(self.fd(), offset) {
+            Ok(None) => Ok(len),
+            Ok(Some(d)) => Ok(d.saturating_sub(offset).min(len)),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(0),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Deallocates the range; it then reads as zeroes. Unsupported → `Unsupported` error.
     pub fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
         if len == 0 {
