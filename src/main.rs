@@ -17,9 +17,7 @@ fn main() {
                 std::process::exit(1);
             }
             _ => {
-                let text = e.render().to_string();
-                let first = text.lines().next().unwrap_or("error: bad arguments");
-                eprintln!("{first} (see 'flexnbd help')");
+                eprintln!("{} (see 'flexnbd help')", one_line(&e.render().to_string()));
                 std::process::exit(1);
             }
         },
@@ -30,5 +28,22 @@ fn main() {
             eprintln!("flexnbd: {e:#}");
             std::process::exit(1);
         }
+    }
+}
+
+/// clap's message up to its usage part, on one line.
+fn one_line(text: &str) -> String {
+    let msg: Vec<&str> = text
+        .lines()
+        .take_while(|l| !l.trim_start().starts_with("Usage:"))
+        .map(str::trim)
+        .filter(|l| {
+            !l.is_empty() && !l.starts_with("tip:") && !l.starts_with("For more information")
+        })
+        .collect();
+    if msg.is_empty() {
+        "error: bad arguments".into()
+    } else {
+        msg.join(" ")
     }
 }

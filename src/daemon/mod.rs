@@ -19,6 +19,8 @@ use std::time::Duration;
 
 /// How long clients get to finish their in-flight requests at shutdown.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long clients get to disconnect by themselves after ESHUTDOWN.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -250,18 +252,24 @@ pub fn run(mode: Mode, opts: &ServeOpts, rebind: Option<Rebind>) -> anyhow::Resu
         .unwrap_or_else(|p| p.into_inner())
         .as_ref()
         .is_some_and(|m| m.finish() == Some(crate::mirror::Finish::HandedOver));
-    if handed_over {
-        // Requests held back during the hand-over must not run here any more.
-        export.gate().shut();
-    } else if let Some(m) = daemon.running_mirror() {
-        info!("stopping the migration");
-        m.stop();
+    if !handed_over {
+        if let Some(m) = daemon.running_mirror() {
+            info!("stopping the migration");
+            m.stop();
+        }
     }
     server.begin_shutdown();
+    // Requests from now on get ESHUTDOWN (after a hand-over, also those held
+    // back during it), upon which clients disconnect; requests already
+    // executing finish. Then the remaining connections are closed.
+    export.gate().shut();
+    if server.num_clients() > 0 {
+        server.wait_idle(SHUTDOWN_GRACE);
+    }
+    server.disconnect_all();
     if !server.wait_idle(DRAIN_TIMEOUT) {
         warn!("clients still connected after {DRAIN_TIMEOUT:?}; exiting anyway");
     }
-    export.gate().shut();
     if let Err(e) = export.flush() {
         error!("final flush failed: {e}");
         return Ok(1);

@@ -1,6 +1,6 @@
 //! Executing a worker's batch against the export and building the replies.
 
-use super::out::OUT_CAP;
+use super::out::{MAX_BUFFERED_READ, OUT_CAP};
 use super::reader::Reader;
 use super::session::{Session, Worker, PAYLOAD_CAP};
 use super::validate::{Op, Refusal};
@@ -21,7 +21,7 @@ const MAX_EXTENTS: usize = 1 << 14;
 /// Room kept for one error reply.
 const ERROR_ROOM: usize = 4200;
 /// Piece size when a reply is too large for the reply buffer.
-const STREAM_PIECE: usize = OUT_CAP - 64 * 1024;
+const STREAM_PIECE: usize = MAX_BUFFERED_READ;
 
 /// The one place that maps export errors to NBD errors.
 pub fn errno(e: &export::Error) -> NbdErrno {
@@ -169,7 +169,7 @@ impl Session {
 
     fn read(&self, w: &mut Worker, req: &Request, df: bool) -> io::Result<()> {
         let len = req.length as usize;
-        if len + 64 * 1024 > OUT_CAP {
+        if len > MAX_BUFFERED_READ {
             return self.stream_read(w, req);
         }
         let structured = self.neg.structured;

@@ -173,11 +173,10 @@ impl Server {
         }
     }
 
-    /// Marks the server as shutting down: new options get ERR_SHUTDOWN and
-    /// every client is asked to stop.
+    /// Marks the server as shutting down: new connections are closed and
+    /// options get ERR_SHUTDOWN.
     pub fn begin_shutdown(&self) {
         self.shutting_down.store(true, SeqCst);
-        self.disconnect_all();
     }
 
     /// Waits until no client is connected; false on timeout.

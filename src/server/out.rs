@@ -6,6 +6,8 @@ use std::sync::Mutex;
 
 /// Capacity of a worker's reply buffer.
 pub const OUT_CAP: usize = 1 << 20;
+/// Largest read answered from the reply buffer in one piece; longer reads are streamed.
+pub const MAX_BUFFERED_READ: usize = OUT_CAP - 64 * 1024;
 
 /// A reusable, already-initialised buffer (no zero-filling per reply).
 pub struct Out {

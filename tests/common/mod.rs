@@ -1,0 +1,1180 @@
+//! Shared harness for the `serve_*` integration tests: temp images, a guard
+//! around a running `flexnbd serve`, commands with time limits, python-libnbd
+//! scripts and a tiny hand-written NBD wire client for byte-level checks.
+//!
+//! Every process started here is stopped (SIGTERM, then SIGKILL after a
+//! deadline) and reaped; every wait is bounded; readiness is polled.
+
+#![allow(dead_code)]
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// The binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_flexnbd");
+/// The python that has the `nbd` module (python3-libnbd); never the first one on PATH.
+pub const PYTHON: &str = "/usr/bin/python3";
+
+pub const KIB: u64 = 1024;
+pub const MIB: u64 = 1024 * 1024;
+pub const GIB: u64 = 1024 * 1024 * 1024;
+
+/// How long a server gets to become ready.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a server gets to exit after SIGTERM before it is killed.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(40);
+/// Default limit for a client tool run.
+pub const TOOL_TIMEOUT: Duration = Duration::from_secs(120);
+/// Read/write timeout of raw test sockets.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(15);
+
+pub const SIGINT: i32 = 2;
+pub const SIGQUIT: i32 = 3;
+pub const SIGKILL: i32 = 9;
+pub const SIGTERM: i32 = 15;
+
+// ---------------------------------------------------------------- signals
+
+/// Sends `sig` to process `pid`.
+#[allow(unsafe_code)]
+pub fn send_signal(pid: u32, sig: i32) -> bool {
+    // SAFETY: kill(2) takes two integers and touches no memory of ours; the pid
+    // is one of our own children, not yet reaped.
+    unsafe { libc::kill(pid as libc::pid_t, sig) == 0 }
+}
+
+/// Polls `cond` every few milliseconds until it holds or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Waits for a child to exit; `None` if it is still running at the deadline.
+pub fn wait_child(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(s)) => return Some(s),
+            Ok(None) => {}
+            Err(_) => return None,
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// SIGTERM, then SIGKILL after `grace`; always reaps.
+pub fn terminate(child: &mut Child, grace: Duration) -> ExitStatus {
+    if let Ok(Some(s)) = child.try_wait() {
+        return s;
+    }
+    send_signal(child.id(), SIGTERM);
+    if let Some(s) = wait_child(child, grace) {
+        return s;
+    }
+    let _ = child.kill();
+    child.wait().expect("reap child")
+}
+
+// ---------------------------------------------------------------- files
+
+/// A free TCP port on 127.0.0.1 (bound and released; the caller retries on a race).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0")
+        .port()
+}
+
+/// A fresh temporary directory (under $TMPDIR or /tmp).
+pub fn tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("flexnbd-test-")
+        .tempdir()
+        .expect("create temp dir")
+}
+
+/// Free bytes on the file system holding `path` (via `df`).
+pub fn free_bytes(path: &Path) -> Option<u64> {
+    let out = Command::new("df")
+        .args(["-B1", "--output=avail"])
+        .arg(path)
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .nth(1)?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// A temp dir for large images: /dev/shm when it has `need` bytes free, else the default.
+pub fn big_tempdir(need: u64) -> tempfile::TempDir {
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir() && free_bytes(shm).is_some_and(|f| f >= need) {
+        if let Ok(d) = tempfile::Builder::new()
+            .prefix("flexnbd-test-")
+            .tempdir_in(shm)
+        {
+            return d;
+        }
+    }
+    tempdir()
+}
+
+/// A small deterministic PRNG (SplitMix64): reproducible images and fuzz input.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform-ish in `0..n` (n > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        let mut chunks = buf.chunks_exact_mut(8);
+        for c in &mut chunks {
+            c.copy_from_slice(&self.next_u64().to_le_bytes());
+        }
+        let rest = chunks.into_remainder();
+        let last = self.next_u64().to_le_bytes();
+        let n = rest.len();
+        rest.copy_from_slice(&last[..n]);
+    }
+
+    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
+        let mut v = vec![0u8; n];
+        self.fill(&mut v);
+        v
+    }
+}
+
+/// `n` pseudo-random bytes from `seed` (a 4 KiB block of zeroes is vanishingly unlikely).
+pub fn random_bytes(seed: u64, n: usize) -> Vec<u8> {
+    Rng::new(seed).bytes(n)
+}
+
+/// Creates `path` with `size` pseudo-random bytes (fully allocated).
+pub fn create_random_file(path: &Path, size: u64, seed: u64) {
+    let mut f = File::create(path).expect("create image");
+    let mut rng = Rng::new(seed);
+    let mut buf = vec![0u8; 4 << 20];
+    let mut left = size;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        rng.fill(&mut buf[..n]);
+        f.write_all(&buf[..n]).expect("write image");
+        left -= n as u64;
+    }
+    f.sync_all().expect("sync image");
+}
+
+/// Creates `path` as an empty sparse file of `size` bytes.
+pub fn create_sparse_file(path: &Path, size: u64) {
+    let f = File::create(path).expect("create image");
+    f.set_len(size).expect("size image");
+    f.sync_all().expect("sync image");
+}
+
+/// Writes `data` at `offset` of an existing file and syncs it.
+pub fn write_file_at(path: &Path, offset: u64, data: &[u8]) {
+    let f = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("open image for writing");
+    f.write_all_at(data, offset).expect("write image");
+    f.sync_all().expect("sync image");
+}
+
+/// Reads `len` bytes at `offset` (short at the end of the file).
+pub fn read_file_at(path: &Path, offset: u64, len: usize) -> Vec<u8> {
+    let f = File::open(path).expect("open image");
+    let mut buf = vec![0u8; len];
+    let mut done = 0;
+    while done < len {
+        let n = f
+            .read_at(&mut buf[done..], offset + done as u64)
+            .expect("read image");
+        if n == 0 {
+            break;
+        }
+        done += n;
+    }
+    buf.truncate(done);
+    buf
+}
+
+pub fn read_file(path: &Path) -> Vec<u8> {
+    std::fs::read(path).expect("read image")
+}
+
+/// Bytes actually allocated to the file (st_blocks * 512).
+pub fn allocated_bytes(path: &Path) -> u64 {
+    std::fs::metadata(path).expect("stat image").blocks() * 512
+}
+
+/// MD5 of a file (`md5sum`), as hex.
+pub fn md5_file(path: &Path) -> String {
+    let out = run(Command::new("md5sum").arg(path), Duration::from_secs(300));
+    assert!(out.status.success(), "md5sum failed: {}", out.stderr_str());
+    out.stdout_str()
+        .split_whitespace()
+        .next()
+        .expect("md5sum output")
+        .to_owned()
+}
+
+/// FNV-1a of a byte slice: a cheap fingerprint for comparing small images.
+pub fn fnv(data: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in data {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x100_0000_01b3);
+    }
+    h
+}
+
+/// Index and value of the first differing byte, for readable assertion messages.
+pub fn first_difference(a: &[u8], b: &[u8]) -> Option<(usize, Option<u8>, Option<u8>)> {
+    let n = a.len().max(b.len());
+    (0..n)
+        .find(|&i| a.get(i) != b.get(i))
+        .map(|i| (i, a.get(i).copied(), b.get(i).copied()))
+}
+
+/// Asserts two byte slices are equal without dumping megabytes on failure.
+#[track_caller]
+pub fn assert_bytes_eq(actual: &[u8], expected: &[u8], what: &str) {
+    if let Some((i, a, e)) = first_difference(actual, expected) {
+        panic!(
+            "{what}: differs at byte {i} (actual {a:?}, expected {e:?}); lengths {} vs {}",
+            actual.len(),
+            expected.len()
+        );
+    }
+}
+
+// ---------------------------------------------------------------- commands
+
+/// What a finished command produced.
+#[derive(Debug)]
+pub struct CmdOutput {
+    pub status: ExitStatus,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+impl CmdOutput {
+    pub fn stdout_str(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
+
+    pub fn stderr_str(&self) -> String {
+        String::from_utf8_lossy(&self.stderr).into_owned()
+    }
+
+    pub fn success(&self) -> bool {
+        self.status.success()
+    }
+
+    /// Panics with both outputs unless the command exited 0.
+    #[track_caller]
+    pub fn expect_success(&self, what: &str) -> &Self {
+        assert!(
+            self.status.success(),
+            "{what} failed with {:?}\nstdout:\n{}\nstderr:\n{}",
+            self.status,
+            self.stdout_str(),
+            self.stderr_str()
+        );
+        self
+    }
+}
+
+/// Runs a command with a time limit; a command that runs over is killed and the
+/// test fails. stdin is closed.
+#[track_caller]
+pub fn run(cmd: &mut Command, timeout: Duration) -> CmdOutput {
+    run_with_stdin(cmd, None, timeout)
+}
+
+/// Like [`run`], feeding `input` on stdin.
+#[track_caller]
+pub fn run_with_stdin(cmd: &mut Command, input: Option<Vec<u8>>, timeout: Duration) -> CmdOutput {
+    let desc = format!("{cmd:?}");
+    cmd.stdin(if input.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => panic!("cannot run {desc}: {e}"),
+    };
+    let feeder = input.map(|data| {
+        let mut stdin = child.stdin.take().expect("stdin");
+        std::thread::spawn(move || {
+            let _ = stdin.write_all(&data);
+        })
+    });
+    let mut so = child.stdout.take().expect("stdout");
+    let mut se = child.stderr.take().expect("stderr");
+    let t_out = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = so.read_to_end(&mut v);
+        v
+    });
+    let t_err = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = se.read_to_end(&mut v);
+        v
+    });
+    let status = match wait_child(&mut child, timeout) {
+        Some(s) => s,
+        None => {
+            let _ = child.kill();
+            let _ = child.wait();
+            let stderr = t_err.join().unwrap_or_default();
+            panic!(
+                "{desc} timed out after {timeout:?} and was killed; stderr:\n{}",
+                String::from_utf8_lossy(&stderr)
+            );
+        }
+    };
+    if let Some(f) = feeder {
+        let _ = f.join();
+    }
+    CmdOutput {
+        status,
+        stdout: t_out.join().unwrap_or_default(),
+        stderr: t_err.join().unwrap_or_default(),
+    }
+}
+
+/// Finds `name` on PATH or fails the test with a clear message (CI installs it).
+#[track_caller]
+pub fn require_tool(name: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    for dir in std::env::split_paths(&path).chain([PathBuf::from("/usr/bin")]) {
+        let p = dir.join(name);
+        if p.is_file() {
+            return p;
+        }
+    }
+    panic!(
+        "required tool `{name}` is not installed (Debian: apt-get install libnbd-bin nbdkit \
+         qemu-utils python3-libnbd fio); this test cannot run without it"
+    );
+}
+
+/// Fails the test unless /usr/bin/python3 can `import nbd`.
+#[track_caller]
+pub fn require_python_nbd() {
+    assert!(
+        Path::new(PYTHON).is_file(),
+        "{PYTHON} is missing: install python3 and python3-libnbd"
+    );
+    let out = run(
+        Command::new(PYTHON).args(["-c", "import nbd"]),
+        Duration::from_secs(30),
+    );
+    assert!(
+        out.success(),
+        "{PYTHON} cannot import nbd (install python3-libnbd): {}",
+        out.stderr_str()
+    );
+}
+
+/// Helpers every python script gets.
+pub const PY_PRELUDE: &str = r#"
+import nbd, sys, json, os, errno
+def connect(uri, strict=None, meta=False):
+    h = nbd.NBD()
+    if meta:
+        h.add_meta_context("base:allocation")
+    if strict is not None:
+        h.set_strict_mode(strict)
+    h.connect_uri(uri)
+    return h
+def server_err(f, *a, **k):
+    """Runs f; returns the errno of a server-side failure, 0 on success.
+    A client-side refusal (no 'command failed') is reported as -1."""
+    try:
+        f(*a, **k)
+    except nbd.Error as e:
+        if "command failed" not in (e.string or ""):
+            sys.stderr.write("client-side error: %s\n" % e.string)
+            return -1
+        return e.errnum
+    return 0
+def file_bytes(path, off, n):
+    with open(path, "rb") as f:
+        f.seek(off)
+        return f.read(n)
+def out(obj):
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+"#;
+
+/// Runs a python-libnbd script (with [`PY_PRELUDE`]) under a time limit.
+/// `args` become `sys.argv[1:]`.
+#[track_caller]
+pub fn python(script: &str, args: &[String], timeout: Duration) -> CmdOutput {
+    require_python_nbd();
+    let full = format!("{PY_PRELUDE}\n{script}");
+    run(Command::new(PYTHON).arg("-c").arg(full).args(args), timeout)
+}
+
+/// Runs a script that must exit 0 and whose last stdout line is JSON.
+#[track_caller]
+pub fn python_json(script: &str, args: &[String], timeout: Duration) -> serde_json::Value {
+    let out = python(script, args, timeout);
+    out.expect_success("python script");
+    let text = out.stdout_str();
+    let last = text.lines().last().unwrap_or("");
+    serde_json::from_str(last).unwrap_or_else(|e| panic!("script output is not JSON ({e}): {text}"))
+}
+
+/// `nbdinfo --json URI`, parsed.
+#[track_caller]
+pub fn nbdinfo_json(uri: &str) -> serde_json::Value {
+    let tool = require_tool("nbdinfo");
+    let out = run(Command::new(tool).args(["--json", uri]), TOOL_TIMEOUT);
+    out.expect_success("nbdinfo --json");
+    serde_json::from_slice(&out.stdout).expect("nbdinfo JSON")
+}
+
+// ---------------------------------------------------------------- server
+
+/// How to start `flexnbd serve`.
+#[derive(Debug, Clone, Default)]
+pub struct Serve {
+    pub file: PathBuf,
+    /// TCP address to listen on (a free port is picked); `None` with `unix` only.
+    pub addr: Option<String>,
+    pub unix: Option<PathBuf>,
+    pub sock: Option<PathBuf>,
+    /// Extra arguments (flags, ACL entries) appended after the others.
+    pub extra: Vec<String>,
+}
+
+impl Serve {
+    /// Serve `file` on 127.0.0.1 and a free port.
+    pub fn tcp(file: &Path) -> Serve {
+        Serve {
+            file: file.to_owned(),
+            addr: Some("127.0.0.1".into()),
+            ..Serve::default()
+        }
+    }
+
+    /// Serve `file` on a unix socket only.
+    pub fn unix(file: &Path, sock: &Path) -> Serve {
+        Serve {
+            file: file.to_owned(),
+            unix: Some(sock.to_owned()),
+            ..Serve::default()
+        }
+    }
+
+    pub fn addr(mut self, a: &str) -> Serve {
+        self.addr = Some(a.to_owned());
+        self
+    }
+
+    pub fn control(mut self, sock: &Path) -> Serve {
+        self.sock = Some(sock.to_owned());
+        self
+    }
+
+    pub fn arg(mut self, a: &str) -> Serve {
+        self.extra.push(a.to_owned());
+        self
+    }
+
+    pub fn args(mut self, a: &[&str]) -> Serve {
+        self.extra.extend(a.iter().map(|s| s.to_string()));
+        self
+    }
+
+    pub fn start(self) -> Server {
+        Server::start(self)
+    }
+}
+
+/// A running `flexnbd serve`; dropping it stops and reaps the process.
+pub struct Server {
+    child: Child,
+    pub port: Option<u16>,
+    pub ip: Option<IpAddr>,
+    pub unix: Option<PathBuf>,
+    pub sock: Option<PathBuf>,
+    pub file: PathBuf,
+    log: PathBuf,
+    _logdir: tempfile::TempDir,
+    exited: Option<ExitStatus>,
+}
+
+impl Server {
+    /// Starts the server and polls until it is ready; retries with another port
+    /// if the picked one was taken meanwhile.
+    #[track_caller]
+    pub fn start(cfg: Serve) -> Server {
+        let mut last_err = String::new();
+        for _ in 0..5 {
+            match Server::try_start(&cfg) {
+                Ok(s) => return s,
+                Err(e) => last_err = e,
+            }
+        }
+        panic!("flexnbd serve did not start: {last_err}");
+    }
+
+    fn try_start(cfg: &Serve) -> Result<Server, String> {
+        let logdir = tempdir();
+        let log = logdir.path().join("server.stderr");
+        let mut args: Vec<String> = vec!["serve".into()];
+        let mut port = None;
+        let mut ip = None;
+        if let Some(a) = &cfg.addr {
+            let p = free_port();
+            port = Some(p);
+            ip = Some(
+                a.trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .parse::<IpAddr>()
+                    .map_err(|e| format!("test bug: bad addr {a}: {e}"))?,
+            );
+            args.extend(["--addr".into(), a.clone(), "--port".into(), p.to_string()]);
+        }
+        args.extend(["--file".into(), cfg.file.display().to_string()]);
+        if let Some(u) = &cfg.unix {
+            args.extend(["--unix".into(), u.display().to_string()]);
+        }
+        if let Some(s) = &cfg.sock {
+            args.extend(["--sock".into(), s.display().to_string()]);
+        }
+        args.extend(cfg.extra.iter().cloned());
+        let child = Command::new(BIN)
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(&log).map_err(|e| e.to_string())?)
+            .spawn()
+            .map_err(|e| format!("cannot spawn {BIN}: {e}"))?;
+        let mut s = Server {
+            child,
+            port,
+            ip,
+            unix: cfg.unix.clone(),
+            sock: cfg.sock.clone(),
+            file: cfg.file.clone(),
+            log,
+            _logdir: logdir,
+            exited: None,
+        };
+        let ready = wait_until(READY_TIMEOUT, || {
+            if s.child.try_wait().ok().flatten().is_some() {
+                return true;
+            }
+            s.is_ready()
+        });
+        if let Ok(Some(st)) = s.child.try_wait() {
+            s.exited = Some(st);
+            return Err(format!(
+                "exited early with {st:?}; args {args:?}; stderr:\n{}",
+                s.stderr()
+            ));
+        }
+        if !ready {
+            return Err(format!(
+                "not ready after {READY_TIMEOUT:?}; args {args:?}; stderr:\n{}",
+                s.stderr()
+            ));
+        }
+        Ok(s)
+    }
+
+    /// Ready means: the control socket exists (it appears only once the
+    /// listeners are bound), or else every listener accepts a connection.
+    fn is_ready(&self) -> bool {
+        if let Some(sock) = &self.sock {
+            return sock.exists();
+        }
+        if let Some(a) = self.tcp_addr() {
+            if TcpStream::connect_timeout(&a, Duration::from_millis(200)).is_err() {
+                return false;
+            }
+        }
+        if let Some(u) = &self.unix {
+            if UnixStream::connect(u).is_err() {
+                return false;
+            }
+        }
+        true
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        Some(SocketAddr::new(self.ip?, self.port?))
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.tcp_addr().expect("server has no TCP listener")
+    }
+
+    /// `nbd://HOST:PORT/` for the TCP listener.
+    pub fn uri(&self) -> String {
+        match self.addr() {
+            SocketAddr::V4(a) => format!("nbd://{}:{}/", a.ip(), a.port()),
+            SocketAddr::V6(a) => format!("nbd://[{}]:{}/", a.ip(), a.port()),
+        }
+    }
+
+    /// `nbd+unix:///?socket=PATH` for the unix listener.
+    pub fn unix_uri(&self) -> String {
+        let p = self.unix.as_ref().expect("server has no unix listener");
+        format!("nbd+unix:///?socket={}", p.display())
+    }
+
+    /// Everything the server wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn signal(&self, sig: i32) {
+        assert!(send_signal(self.pid(), sig), "cannot signal the server");
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        if self.exited.is_some() {
+            return false;
+        }
+        match self.child.try_wait() {
+            Ok(Some(s)) => {
+                self.exited = Some(s);
+                false
+            }
+            _ => true,
+        }
+    }
+
+    /// Waits for the process to exit by itself.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        if let Some(s) = self.exited {
+            return Some(s);
+        }
+        let s = wait_child(&mut self.child, timeout);
+        self.exited = s;
+        s
+    }
+
+    /// Sends `sig` and waits for the exit; fails the test if it does not exit in time.
+    #[track_caller]
+    pub fn stop_with(&mut self, sig: i32) -> ExitStatus {
+        if let Some(s) = self.exited {
+            panic!(
+                "server already exited with {s:?}; stderr:\n{}",
+                self.stderr()
+            );
+        }
+        self.signal(sig);
+        match self.wait_exit(STOP_TIMEOUT) {
+            Some(s) => s,
+            None => {
+                let _ = self.child.kill();
+                let s = self.child.wait().ok();
+                self.exited = s;
+                panic!(
+                    "server did not exit within {STOP_TIMEOUT:?} of signal {sig}; stderr:\n{}",
+                    self.stderr()
+                );
+            }
+        }
+    }
+
+    /// SIGTERM and a clean exit (status 0) are required.
+    #[track_caller]
+    pub fn stop(&mut self) {
+        let st = self.stop_with(SIGTERM);
+        assert!(
+            st.success(),
+            "server exited with {st:?} after SIGTERM; stderr:\n{}",
+            self.stderr()
+        );
+    }
+
+    /// Fails the test if the server died.
+    #[track_caller]
+    pub fn assert_alive(&mut self) {
+        assert!(
+            self.is_running(),
+            "server died: {:?}; stderr:\n{}",
+            self.exited,
+            self.stderr()
+        );
+    }
+
+    /// Lines of the log that contain `needle`.
+    pub fn log_count(&self, needle: &str) -> usize {
+        self.stderr().lines().filter(|l| l.contains(needle)).count()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if self.exited.is_none() {
+            self.exited = Some(terminate(&mut self.child, Duration::from_secs(10)));
+        }
+        if std::thread::panicking() {
+            let log = self.stderr();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!("---- server stderr (last lines) ----");
+            for l in tail.iter().rev() {
+                eprintln!("{l}");
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------- raw NBD
+
+pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
+pub const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
+pub const OLDSTYLE_MAGIC: u64 = 0x0000_4202_8186_1253;
+pub const REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
+pub const REQUEST_MAGIC: u32 = 0x2560_9513;
+pub const SIMPLE_MAGIC: u32 = 0x6744_6698;
+pub const CHUNK_MAGIC: u32 = 0x668e_33ef;
+
+pub const OPT_EXPORT_NAME: u32 = 1;
+pub const OPT_ABORT: u32 = 2;
+pub const OPT_LIST: u32 = 3;
+pub const OPT_STARTTLS: u32 = 5;
+pub const OPT_INFO: u32 = 6;
+pub const OPT_GO: u32 = 7;
+pub const OPT_STRUCTURED_REPLY: u32 = 8;
+pub const OPT_LIST_META_CONTEXT: u32 = 9;
+pub const OPT_SET_META_CONTEXT: u32 = 10;
+
+pub const REP_ACK: u32 = 1;
+pub const REP_SERVER: u32 = 2;
+pub const REP_INFO: u32 = 3;
+pub const REP_META_CONTEXT: u32 = 4;
+pub const REP_ERR_UNSUP: u32 = 0x8000_0001;
+pub const REP_ERR_POLICY: u32 = 0x8000_0002;
+pub const REP_ERR_INVALID: u32 = 0x8000_0003;
+pub const REP_ERR_TOO_BIG: u32 = 0x8000_0009;
+
+pub const CMD_READ: u16 = 0;
+pub const CMD_WRITE: u16 = 1;
+pub const CMD_DISC: u16 = 2;
+pub const CMD_FLUSH: u16 = 3;
+pub const CMD_TRIM: u16 = 4;
+pub const CMD_CACHE: u16 = 5;
+pub const CMD_WRITE_ZEROES: u16 = 6;
+pub const CMD_BLOCK_STATUS: u16 = 7;
+
+pub const EPERM: u32 = 1;
+pub const EINVAL: u32 = 22;
+pub const ENOSPC: u32 = 28;
+pub const EOVERFLOW: u32 = 75;
+
+/// Encodes a request header by hand (independent of the crate's encoder).
+pub fn request(cmd: u16, flags: u16, cookie: u64, offset: u64, length: u32) -> [u8; 28] {
+    let mut b = [0u8; 28];
+    b[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
+    b[4..6].copy_from_slice(&flags.to_be_bytes());
+    b[6..8].copy_from_slice(&cmd.to_be_bytes());
+    b[8..16].copy_from_slice(&cookie.to_be_bytes());
+    b[16..24].copy_from_slice(&offset.to_be_bytes());
+    b[24..28].copy_from_slice(&length.to_be_bytes());
+    b
+}
+
+/// Encodes an option request by hand.
+pub fn option(opt: u32, data: &[u8]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(16 + data.len());
+    b.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    b.extend_from_slice(&opt.to_be_bytes());
+    b.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    b.extend_from_slice(data);
+    b
+}
+
+/// Data of NBD_OPT_GO/INFO: empty export name and the given info requests.
+pub fn go_data(infos: &[u16]) -> Vec<u8> {
+    let mut d = Vec::new();
+    d.extend_from_slice(&0u32.to_be_bytes());
+    d.extend_from_slice(&(infos.len() as u16).to_be_bytes());
+    for i in infos {
+        d.extend_from_slice(&i.to_be_bytes());
+    }
+    d
+}
+
+/// Data of NBD_OPT_{LIST,SET}_META_CONTEXT: empty export name and the queries.
+pub fn meta_data(queries: &[&str]) -> Vec<u8> {
+    let mut d = Vec::new();
+    d.extend_from_slice(&0u32.to_be_bytes());
+    d.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+    for q in queries {
+        d.extend_from_slice(&(q.len() as u32).to_be_bytes());
+        d.extend_from_slice(q.as_bytes());
+    }
+    d
+}
+
+pub fn be16(b: &[u8], at: usize) -> u16 {
+    u16::from_be_bytes([b[at], b[at + 1]])
+}
+
+pub fn be32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes(b[at..at + 4].try_into().unwrap())
+}
+
+pub fn be64(b: &[u8], at: usize) -> u64 {
+    u64::from_be_bytes(b[at..at + 8].try_into().unwrap())
+}
+
+/// An option reply as read from the wire.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OptReply {
+    pub option: u32,
+    pub kind: u32,
+    pub data: Vec<u8>,
+}
+
+/// A structured reply chunk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chunk {
+    pub flags: u16,
+    pub kind: u16,
+    pub cookie: u64,
+    pub payload: Vec<u8>,
+}
+
+/// One reply of the transmission phase.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    Simple { error: u32, cookie: u64 },
+    Chunk(Chunk),
+}
+
+/// A hand-driven NBD connection with bounded reads and writes.
+pub struct Raw {
+    pub s: TcpStream,
+}
+
+/// What the server did when more bytes were expected.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Eof {
+    /// Orderly close (read returned 0) after this many bytes.
+    Closed(usize),
+    /// Connection reset.
+    Reset(usize),
+}
+
+impl Raw {
+    pub fn connect(addr: SocketAddr) -> Raw {
+        let s = TcpStream::connect_timeout(&addr, IO_TIMEOUT).expect("connect to server");
+        Raw::from_stream(s)
+    }
+
+    pub fn from_stream(s: TcpStream) -> Raw {
+        s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        s.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+        let _ = s.set_nodelay(true);
+        Raw { s }
+    }
+
+    #[track_caller]
+    pub fn send(&mut self, b: &[u8]) {
+        self.s.write_all(b).expect("send to server");
+    }
+
+    /// Sends, tolerating a server that already closed.
+    pub fn try_send(&mut self, b: &[u8]) -> bool {
+        self.s.write_all(b).is_ok()
+    }
+
+    /// Reads exactly `n` bytes or reports how the stream ended. A timeout fails the test.
+    #[track_caller]
+    pub fn read_n(&mut self, n: usize) -> Result<Vec<u8>, Eof> {
+        let mut buf = vec![0u8; n];
+        let mut done = 0;
+        while done < n {
+            match self.s.read(&mut buf[done..]) {
+                Ok(0) => return Err(Eof::Closed(done)),
+                Ok(k) => done += k,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                    return Err(Eof::Reset(done))
+                }
+                Err(e) => panic!("reading from the server: {e} after {done} of {n} bytes"),
+            }
+        }
+        Ok(buf)
+    }
+
+    #[track_caller]
+    pub fn read_exact(&mut self, n: usize) -> Vec<u8> {
+        match self.read_n(n) {
+            Ok(b) => b,
+            Err(e) => panic!("server ended the connection while {n} bytes were expected: {e:?}"),
+        }
+    }
+
+    /// Expects the server to end the connection, sending nothing more.
+    /// Returns the bytes that arrived before the end.
+    #[track_caller]
+    pub fn expect_closed(&mut self) -> Vec<u8> {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            match self.s.read(&mut buf) {
+                Ok(0) => return got,
+                Ok(k) => got.extend_from_slice(&buf[..k]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return got,
+                Err(e) => panic!(
+                    "server did not close the connection ({e}); {} bytes received",
+                    got.len()
+                ),
+            }
+        }
+    }
+
+    /// Reads and checks the 18-byte fixed-newstyle greeting; returns its flags.
+    #[track_caller]
+    pub fn newstyle_greeting(&mut self) -> u16 {
+        let g = self.read_exact(18);
+        assert_eq!(be64(&g, 0), NBDMAGIC, "greeting magic");
+        assert_eq!(be64(&g, 8), IHAVEOPT, "greeting IHAVEOPT");
+        be16(&g, 16)
+    }
+
+    /// Greeting plus client flags FIXED_NEWSTYLE | NO_ZEROES.
+    #[track_caller]
+    pub fn handshake(addr: SocketAddr) -> Raw {
+        let mut r = Raw::connect(addr);
+        let f = r.newstyle_greeting();
+        assert_eq!(f, 3, "handshake flags: FIXED_NEWSTYLE | NO_ZEROES");
+        r.send(&3u32.to_be_bytes());
+        r
+    }
+
+    #[track_caller]
+    pub fn opt_reply(&mut self) -> OptReply {
+        let h = self.read_exact(20);
+        assert_eq!(be64(&h, 0), REPLY_MAGIC, "option reply magic in {h:02x?}");
+        let len = be32(&h, 16) as usize;
+        assert!(len <= 64 * 1024, "option reply of {len} bytes");
+        OptReply {
+            option: be32(&h, 8),
+            kind: be32(&h, 12),
+            data: self.read_exact(len),
+        }
+    }
+
+    /// Sends an option and collects replies up to the final one (ACK or error).
+    #[track_caller]
+    pub fn opt(&mut self, opt: u32, data: &[u8]) -> Vec<OptReply> {
+        self.send(&option(opt, data));
+        let mut v = Vec::new();
+        loop {
+            let r = self.opt_reply();
+            assert_eq!(r.option, opt, "option echoed in its reply");
+            let last = r.kind == REP_ACK || r.kind & 0x8000_0000 != 0;
+            v.push(r);
+            if last {
+                return v;
+            }
+        }
+    }
+
+    /// NBD_OPT_GO with no info requests; returns (size, transmission flags).
+    #[track_caller]
+    pub fn go(&mut self) -> (u64, u16) {
+        let reps = self.opt(OPT_GO, &go_data(&[]));
+        let last = reps.last().unwrap();
+        assert_eq!(last.kind, REP_ACK, "GO answered {reps:?}");
+        let export = reps
+            .iter()
+            .find(|r| r.kind == REP_INFO && be16(&r.data, 0) == 0)
+            .expect("NBD_INFO_EXPORT before the ACK");
+        assert_eq!(export.data.len(), 12, "NBD_INFO_EXPORT length");
+        (be64(&export.data, 2), be16(&export.data, 10))
+    }
+
+    /// Handshake and GO, simple replies.
+    #[track_caller]
+    pub fn simple(addr: SocketAddr) -> Raw {
+        let mut r = Raw::handshake(addr);
+        r.go();
+        r
+    }
+
+    /// Handshake, structured replies, base:allocation, GO.
+    #[track_caller]
+    pub fn structured(addr: SocketAddr) -> Raw {
+        let mut r = Raw::handshake(addr);
+        let sr = r.opt(OPT_STRUCTURED_REPLY, &[]);
+        assert_eq!(sr.last().unwrap().kind, REP_ACK);
+        let mc = r.opt(OPT_SET_META_CONTEXT, &meta_data(&["base:allocation"]));
+        assert_eq!(mc.last().unwrap().kind, REP_ACK);
+        r.go();
+        r
+    }
+
+    #[track_caller]
+    pub fn req(&mut self, cmd: u16, flags: u16, cookie: u64, offset: u64, length: u32) {
+        self.send(&request(cmd, flags, cookie, offset, length));
+    }
+
+    /// Reads one reply header; simple replies carry no data here (see [`read_data`]).
+    #[track_caller]
+    pub fn reply(&mut self) -> Reply {
+        let m = self.read_exact(4);
+        match be32(&m, 0) {
+            SIMPLE_MAGIC => {
+                let r = self.read_exact(12);
+                Reply::Simple {
+                    error: be32(&r, 0),
+                    cookie: be64(&r, 4),
+                }
+            }
+            CHUNK_MAGIC => {
+                let h = self.read_exact(16);
+                let len = be32(&h, 12) as usize;
+                assert!(len <= 64 << 20, "chunk of {len} bytes");
+                Reply::Chunk(Chunk {
+                    flags: be16(&h, 0),
+                    kind: be16(&h, 2),
+                    cookie: be64(&h, 4),
+                    payload: self.read_exact(len),
+                })
+            }
+            other => panic!("bad reply magic {other:#010x}"),
+        }
+    }
+
+    /// Expects a simple reply with this cookie; returns its error.
+    #[track_caller]
+    pub fn simple_reply(&mut self, cookie: u64) -> u32 {
+        match self.reply() {
+            Reply::Simple { error, cookie: c } => {
+                assert_eq!(c, cookie, "cookie echoed");
+                error
+            }
+            r => panic!("expected a simple reply, got {r:?}"),
+        }
+    }
+
+    /// A simple-reply READ: sends it, expects success and returns the data.
+    #[track_caller]
+    pub fn read(&mut self, cookie: u64, offset: u64, len: u32) -> Vec<u8> {
+        self.req(CMD_READ, 0, cookie, offset, len);
+        let e = self.simple_reply(cookie);
+        assert_eq!(e, 0, "READ {offset}+{len} failed with {e}");
+        self.read_exact(len as usize)
+    }
+
+    /// A simple-reply WRITE: returns the error.
+    #[track_caller]
+    pub fn write(&mut self, cookie: u64, offset: u64, data: &[u8]) -> u32 {
+        let mut b = request(CMD_WRITE, 0, cookie, offset, data.len() as u32).to_vec();
+        b.extend_from_slice(data);
+        self.send(&b);
+        self.simple_reply(cookie)
+    }
+
+    pub fn shutdown(&self) {
+        let _ = self.s.shutdown(Shutdown::Both);
+    }
+}
+
+/// Connects to `server` from a chosen local address (e.g. 127.0.0.2).
+pub fn connect_from(local: IpAddr, server: SocketAddr) -> std::io::Result<TcpStream> {
+    use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+    let domain = if server.is_ipv4() {
+        Domain::IPV4
+    } else {
+        Domain::IPV6
+    };
+    let s = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
+    s.bind(&SockAddr::from(SocketAddr::new(local, 0)))?;
+    s.connect_timeout(&SockAddr::from(server), IO_TIMEOUT)?;
+    Ok(s.into())
+}
+
+/// Whether ::1 is configured (an IPv6 loopback socket can be bound).
+pub fn ipv6_loopback() -> bool {
+    TcpListener::bind("[::1]:0").is_ok()
+}
+
+/// Checks a log line against `^[DIWEF]:\d+ \S+ \S+:\d+: ` (returns the level).
+pub fn log_level(line: &str) -> Option<char> {
+    let (level, rest) = line.split_once(':')?;
+    let lc = level.chars().next()?;
+    if level.len() != 1 || !"DIWEF".contains(lc) {
+        return None;
+    }
+    // rest = "PID THREAD FILE:LINE: MSG"
+    let (pid, rest) = rest.split_once(' ')?;
+    if pid.is_empty() || !pid.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let (thread, rest) = rest.split_once(' ')?;
+    if thread.is_empty() {
+        return None;
+    }
+    let (loc, _msg) = rest.split_once(": ")?;
+    if loc.contains(char::is_whitespace) {
+        return None;
+    }
+    let (file, line_no) = loc.rsplit_once(':')?;
+    if file.is_empty() || line_no.is_empty() || !line_no.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some(lc)
+}
