@@ -373,10 +373,14 @@ fn bad_request_magic_ends_only_that_connection() {
     let mut r = request(CMD_READ, 0, 1, 0, 512);
     r[0..4].copy_from_slice(&0x2560_9514u32.to_be_bytes());
     c.send(&r);
+    // As the C flexnbd: one error reply echoing the handle, then the connection ends.
+    let mut expected = 0x6744_6698u32.to_be_bytes().to_vec();
+    expected.extend_from_slice(&22u32.to_be_bytes());
+    expected.extend_from_slice(&1u64.to_be_bytes());
     assert_eq!(
         c.expect_closed(),
-        Vec::<u8>::new(),
-        "no reply to a bad magic"
+        expected,
+        "EINVAL reply to a bad magic, then close"
     );
     // The connection opened before is untouched, and new ones are served.
     assert_bytes_eq(

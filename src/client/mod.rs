@@ -53,9 +53,12 @@ pub enum ClientError {
     /// greeting (what a server does to a peer its access control list refuses).
     #[error("connection rejected: the server closed it without a greeting")]
     Rejected,
-    /// No greeting (or handshake reply) in time, or a greeting that is not NBD.
+    /// No greeting (or handshake reply) in time.
     #[error("server failed to respond: {0}")]
     NoResponse(String),
+    /// The peer sent something that is not an NBD greeting.
+    #[error("not an NBD server: {0}")]
+    BadGreeting(String),
     /// The server broke the protocol; the connection is unusable.
     #[error("protocol error: {0}")]
     Protocol(String),

@@ -67,9 +67,7 @@ impl Haggle<'_> {
         match Greeting::decode(&buf[..need]) {
             Ok(Some((g, _))) => Ok(g),
             Ok(None) => Err(ClientError::NoResponse("incomplete greeting".into())),
-            Err(e) => Err(ClientError::NoResponse(format!(
-                "not an NBD greeting ({e})"
-            ))),
+            Err(e) => Err(ClientError::BadGreeting(e.to_string())),
         }
     }
 

@@ -170,13 +170,13 @@ fn export_name_refused_by_closing() {
 }
 
 #[test]
-fn bad_magic_is_failure_to_respond() {
+fn bad_magic_is_a_bad_greeting() {
     let (conn, server) = handshake(&quick(), |mut p| {
         p.send(b"HTTP/1.1 400 Bad Request\r\n\r\n");
         p.wait_close();
     });
     let e = conn.unwrap_err();
-    assert!(matches!(e, ClientError::NoResponse(_)), "{e}");
+    assert!(matches!(e, ClientError::BadGreeting(_)), "{e}");
     server.join().unwrap();
 }
 

@@ -67,16 +67,26 @@ fn on_migration_end(e: &crate::server::SessionEnd, tx: &mpsc::Sender<Event>) {
         return;
     }
     match &e.end {
-        End::Disconnect if e.missing == 0 => {
-            info!("migration received completely");
+        // As with the C flexnbd, a clean disconnect after the data hands the
+        // image over. A connection that wrote nothing (a probe such as nbdinfo)
+        // does not, unless the image is empty.
+        End::Disconnect if e.missing < e.size || e.size == 0 => {
+            if e.missing > 0 {
+                warn!(
+                    "the sender left {} of {} bytes unwritten; taking control as it asked",
+                    e.missing, e.size
+                );
+            }
+            info!("migration received");
             let _ = tx.send(Event::ControlArrived);
         }
-        End::Disconnect => warn!(
-            "sender disconnected having left {} bytes of the image unwritten; waiting for a new sender",
-            e.missing
-        ),
+        End::Disconnect => {
+            warn!("a connection disconnected without writing anything; waiting for a sender")
+        }
         End::Closed => warn!("sender went away before finishing; waiting for it to reconnect"),
-        End::Error(err) => warn!("migration connection failed ({err}); waiting for the sender to reconnect"),
+        End::Error(err) => {
+            warn!("migration connection failed ({err}); waiting for the sender to reconnect")
+        }
     }
 }
 

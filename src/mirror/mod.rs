@@ -130,7 +130,10 @@ fn connect(spec: &Spec, size: u64) -> Result<Connection, StartError> {
         warn!("migration to {}: {e}", spec.dest);
         match e {
             ClientError::Connect { .. } => StartError::Connect,
-            ClientError::Rejected | ClientError::Closed => StartError::Rejected,
+            // As the C flexnbd: a greeting that is not NBD counts as a rejection.
+            ClientError::Rejected | ClientError::Closed | ClientError::BadGreeting(_) => {
+                StartError::Rejected
+            }
             _ => StartError::NoResponse,
         }
     })?;

@@ -45,6 +45,8 @@ pub struct SessionEnd {
     pub migration: bool,
     /// Bytes of the image an incoming migration never wrote.
     pub missing: u64,
+    /// Size of the image.
+    pub size: u64,
 }
 
 /// Called when a session ends.
@@ -272,6 +274,7 @@ impl Server {
             end,
             migration,
             missing,
+            size,
         };
         info!("{name}: connected from {}", conn.peer_name());
         let info = ExportInfo {

@@ -77,6 +77,17 @@ impl Reader {
         }
     }
 
+    /// The handle field of the buffered header (valid after `peek` failed on a
+    /// bad magic, when a whole header is buffered).
+    pub fn raw_cookie(&self) -> Option<u64> {
+        let b = self.buffered();
+        (b.len() >= REQUEST_LEN).then(|| {
+            let mut c = [0u8; 8];
+            c.copy_from_slice(&b[8..16]);
+            u64::from_be_bytes(c)
+        })
+    }
+
     /// Consumes the header returned by the last `peek`.
     pub fn consume_header(&mut self) {
         self.start += REQUEST_LEN;

@@ -212,6 +212,10 @@ impl Session {
                 Ok(Some(r)) => r,
                 Ok(None) => break,
                 Err(e) => {
+                    if let (ReadError::Proto(_), Some(cookie)) = (&e, rd.raw_cookie()) {
+                        // The stream is lost: answer this header with an error, then close.
+                        let _ = self.bad_request_reply(w, cookie);
+                    }
                     self.read_failed(e);
                     break;
                 }
@@ -269,6 +273,13 @@ impl Session {
             w.batch.push(Item { req, op, at });
         }
         Ok(())
+    }
+
+    fn bad_request_reply(&self, w: &mut Worker, cookie: u64) -> io::Result<()> {
+        use crate::proto::{NbdErrno, SimpleReply};
+        w.out
+            .push(&SimpleReply::err(cookie, NbdErrno::Inval).encode());
+        w.out.send(&self.conn, &self.writer)
     }
 
     fn read_failed(&self, e: ReadError) {
