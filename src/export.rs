@@ -231,6 +231,21 @@ impl Drop for Pass<'_> {
 }
 
 impl Gate {
+    /// Admits one request if the gate is open, without waiting.
+    pub fn try_enter(&self) -> Option<Pass<'_>> {
+        self.inflight.fetch_add(1, SeqCst);
+        if !self.closed.load(SeqCst) {
+            return Some(Pass(self));
+        }
+        self.leave();
+        None
+    }
+
+    /// Whether requests are being held (or refused).
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(SeqCst)
+    }
+
     /// Admits one request, waiting while the gate is closed. Fails once shut.
     pub fn enter(&self) -> Result<Pass<'_>, Error> {
         loop {

@@ -14,8 +14,6 @@ use std::time::{Duration, Instant};
 const MAX_WRITE: u64 = 8 << 20;
 /// Largest single WRITE_ZEROES sent to the destination.
 const MAX_ZEROES: u64 = 1 << 30;
-/// Progress granularity of the first sweep.
-const SWEEP_PIECE: u64 = 64 << 20;
 /// Extents looked up at a time during the first sweep.
 const SWEEP_EXTENTS: usize = 1024;
 
@@ -171,18 +169,13 @@ fn sweep(s: &Shared, link: &Link) -> Result<(), Stop> {
             break;
         }
         for e in extents {
-            // Pieces, so that progress shows within a long extent too.
             let end = pos + e.len;
-            while pos < end {
-                let n = (end - pos).min(SWEEP_PIECE);
-                if e.hole {
-                    send_zeroes(s, link, pos, n)?;
-                } else {
-                    send_data(s, link, pos, n)?;
-                }
-                pos += n;
-                s.progress.lock().unwrap_or_else(|p| p.into_inner()).unswept = size - pos;
+            if e.hole {
+                send_zeroes(s, link, pos, e.len)?;
+            } else {
+                send_data(s, link, pos, e.len, true)?;
             }
+            pos = end;
         }
     }
     Ok(())
@@ -208,7 +201,7 @@ fn pass(s: &Shared, link: &Link, wrap: bool) -> Result<(), Stop> {
         let Some((off, len)) = next else {
             return Ok(());
         };
-        send_data(s, link, off, len)?;
+        send_data(s, link, off, len, false)?;
         cursor = off + len;
     }
 }
@@ -239,8 +232,14 @@ fn pace(s: &Shared, bytes: u64) -> Result<(), Stop> {
     Ok(())
 }
 
-/// Sends the current contents of `[off, off + len)`.
-fn send_data(s: &Shared, link: &Link, off: u64, len: u64) -> Result<(), Stop> {
+/// Records that the first sweep has sent everything before `pos`.
+fn swept(s: &Shared, pos: u64) {
+    s.progress.lock().unwrap_or_else(|p| p.into_inner()).unswept = s.export.size() - pos;
+}
+
+/// Sends the current contents of `[off, off + len)` (`sweeping`: as part of
+/// the first sweep, whose progress it reports).
+fn send_data(s: &Shared, link: &Link, off: u64, len: u64, sweeping: bool) -> Result<(), Stop> {
     let mut buf = Vec::new();
     let end = off + len;
     let mut pos = off;
@@ -279,6 +278,9 @@ fn send_data(s: &Shared, link: &Link, off: u64, len: u64) -> Result<(), Stop> {
         }
         s.sent(n);
         pos += n;
+        if sweeping {
+            swept(s, pos);
+        }
     }
     Ok(())
 }
@@ -286,7 +288,7 @@ fn send_data(s: &Shared, link: &Link, off: u64, len: u64) -> Result<(), Stop> {
 /// Makes `[off, off + len)` zero on the destination, keeping it sparse when it can.
 fn send_zeroes(s: &Shared, link: &Link, off: u64, len: u64) -> Result<(), Stop> {
     if !link.can_write_zeroes() {
-        return send_data(s, link, off, len);
+        return send_data(s, link, off, len, true);
     }
     let end = off + len;
     let mut pos = off;
@@ -305,6 +307,7 @@ fn send_zeroes(s: &Shared, link: &Link, off: u64, len: u64) -> Result<(), Stop> 
         }
         s.sent(n);
         pos += n;
+        swept(s, pos);
     }
     Ok(())
 }

@@ -214,12 +214,20 @@ impl Mirror {
             0
         };
         let bytes_left = unswept + s.dirty.dirty_bytes();
+        let limit = s.limit.lock().unwrap_or_else(|e| e.into_inner()).limit();
+        // Under a limit, the limit bounds the speed to expect (and stands in
+        // for it before there is a measurement).
+        let expected = match limit {
+            Some(l) if speed == 0 => l,
+            Some(l) => speed.min(l),
+            None => speed,
+        };
         MigrationStatus {
             speed,
             duration: now.duration_since(p.started).as_secs(),
-            seconds_left: seconds_left(bytes_left, speed),
+            seconds_left: seconds_left(bytes_left, expected),
             bytes_left,
-            speed_limit: s.limit.lock().unwrap_or_else(|e| e.into_inner()).limit(),
+            speed_limit: limit,
             attempts: p.attempts,
         }
     }

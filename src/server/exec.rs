@@ -104,7 +104,17 @@ impl Session {
                 // Replies already made need not wait for the disk.
                 w.out.send(&self.conn, &self.writer)?;
             }
-            let _pass = match ex.gate().enter() {
+            let gate = ex.gate();
+            let entered = match gate.try_enter() {
+                Some(p) => Ok(p),
+                None => {
+                    // Requests are held (a hand-over or a pause): replies made so
+                    // far must not wait with them.
+                    w.out.send(&self.conn, &self.writer)?;
+                    gate.enter()
+                }
+            };
+            let _pass = match entered {
                 Ok(p) => p,
                 Err(e) => {
                     self.reply(w, cookie, Err(e))?;
@@ -134,6 +144,11 @@ impl Session {
                 Op::Cache => self.reply(w, cookie, ex.cache(off, len))?,
                 Op::BlockStatus { one } => self.block_status(w, req, one)?,
                 Op::Disc => {}
+            }
+            if gate.is_closed() {
+                // Whoever closed the gate waits for this pass: by then every
+                // executed request's reply is on the wire, before any ESHUTDOWN.
+                w.out.send(&self.conn, &self.writer)?;
             }
         }
         Ok(())

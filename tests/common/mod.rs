@@ -1178,3 +1178,673 @@ pub fn log_level(line: &str) -> Option<char> {
     }
     Some(lc)
 }
+
+// ---------------------------------------------------------------- migration (migrate_* tests)
+
+/// How to start `flexnbd serve` or `flexnbd listen` for a migration test: a
+/// TCP listener on `ip` (a free port unless one is given), a control socket
+/// (readiness = the socket exists), `--verbose` so the log tells what happened,
+/// and optional environment variables.
+#[derive(Debug, Clone)]
+pub struct Daemon {
+    pub mode: &'static str,
+    pub file: PathBuf,
+    pub ip: IpAddr,
+    pub port: Option<u16>,
+    pub sock: PathBuf,
+    pub extra: Vec<String>,
+    pub env: Vec<(String, String)>,
+}
+
+impl Daemon {
+    /// `flexnbd serve --addr 127.0.0.1 --port FREE --file FILE --sock SOCK -v`.
+    pub fn serve(file: &Path, sock: &Path) -> Daemon {
+        Daemon {
+            mode: "serve",
+            file: file.to_owned(),
+            ip: IpAddr::from([127, 0, 0, 1]),
+            port: None,
+            sock: sock.to_owned(),
+            extra: vec!["--verbose".into()],
+            env: Vec::new(),
+        }
+    }
+
+    /// `flexnbd listen --addr 127.0.0.1 --port FREE --file FILE --sock SOCK -v`.
+    pub fn listen(file: &Path, sock: &Path) -> Daemon {
+        Daemon {
+            mode: "listen",
+            ..Daemon::serve(file, sock)
+        }
+    }
+
+    pub fn ip(mut self, ip: &str) -> Daemon {
+        self.ip = ip.parse().expect("test bug: bad IP");
+        self
+    }
+
+    pub fn port(mut self, port: u16) -> Daemon {
+        self.port = Some(port);
+        self
+    }
+
+    pub fn arg(mut self, a: &str) -> Daemon {
+        self.extra.push(a.to_owned());
+        self
+    }
+
+    pub fn args(mut self, a: &[&str]) -> Daemon {
+        self.extra.extend(a.iter().map(|s| s.to_string()));
+        self
+    }
+
+    pub fn env(mut self, k: &str, v: &str) -> Daemon {
+        self.env.push((k.to_owned(), v.to_owned()));
+        self
+    }
+
+    /// Starts it and polls until the control socket appears; retries with
+    /// another port when a picked one was taken meanwhile.
+    #[track_caller]
+    pub fn start(self) -> Server {
+        let mut last_err = String::new();
+        let tries = if self.port.is_some() { 1 } else { 5 };
+        for _ in 0..tries {
+            match self.try_start() {
+                Ok(s) => return s,
+                Err(e) => last_err = e,
+            }
+        }
+        panic!("flexnbd {} did not start: {last_err}", self.mode);
+    }
+
+    pub fn try_start(&self) -> Result<Server, String> {
+        let logdir = tempdir();
+        let log = logdir.path().join("server.stderr");
+        let port = self.port.unwrap_or_else(free_port);
+        // A socket file left by a killed process would look "ready" at once.
+        let _ = std::fs::remove_file(&self.sock);
+        let mut args: Vec<String> = vec![
+            self.mode.into(),
+            "--addr".into(),
+            self.ip.to_string(),
+            "--port".into(),
+            port.to_string(),
+            "--file".into(),
+            self.file.display().to_string(),
+            "--sock".into(),
+            self.sock.display().to_string(),
+        ];
+        args.extend(self.extra.iter().cloned());
+        let mut cmd = Command::new(BIN);
+        cmd.args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(&log).map_err(|e| e.to_string())?);
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        let child = cmd
+            .spawn()
+            .map_err(|e| format!("cannot spawn {BIN}: {e}"))?;
+        let mut s = Server {
+            child,
+            port: Some(port),
+            ip: Some(self.ip),
+            unix: None,
+            sock: Some(self.sock.clone()),
+            file: self.file.clone(),
+            log,
+            _logdir: logdir,
+            exited: None,
+        };
+        let sock = self.sock.clone();
+        let ready = wait_until(READY_TIMEOUT, || {
+            s.child.try_wait().ok().flatten().is_some() || sock.exists()
+        });
+        if let Ok(Some(st)) = s.child.try_wait() {
+            s.exited = Some(st);
+            return Err(format!(
+                "exited early with {st:?}; args {args:?}; stderr:\n{}",
+                s.stderr()
+            ));
+        }
+        if !ready {
+            return Err(format!(
+                "not ready after {READY_TIMEOUT:?}; args {args:?}; stderr:\n{}",
+                s.stderr()
+            ));
+        }
+        Ok(s)
+    }
+}
+
+impl Server {
+    /// The control socket (panics when the server has none).
+    pub fn ctl(&self) -> &Path {
+        self.sock.as_deref().expect("server has no control socket")
+    }
+
+    /// The exit status if the process has exited (without waiting).
+    pub fn exit_status(&mut self) -> Option<ExitStatus> {
+        self.is_running();
+        self.exited
+    }
+
+    /// SIGKILL, reaped at once (simulates a crash).
+    pub fn kill(&mut self) -> ExitStatus {
+        if let Some(s) = self.exited {
+            return s;
+        }
+        let _ = self.child.kill();
+        let s = self.child.wait().expect("reap killed server");
+        self.exited = Some(s);
+        s
+    }
+}
+
+/// Sends one control request (`lines`, then the empty line) and returns the
+/// reply `(code, text)`; bounded by [`IO_TIMEOUT`].
+pub fn control_request(sock: &Path, lines: &[&str]) -> std::io::Result<(u32, String)> {
+    let mut s = UnixStream::connect(sock)?;
+    s.set_read_timeout(Some(IO_TIMEOUT))?;
+    s.set_write_timeout(Some(IO_TIMEOUT))?;
+    let mut req = String::new();
+    for l in lines {
+        req.push_str(l);
+        req.push('\n');
+    }
+    req.push('\n');
+    s.write_all(req.as_bytes())?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf)?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let line = text.strip_suffix('\n').unwrap_or(&text);
+    let (code, rest) = line.split_once(": ").ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("bad reply {text:?}"),
+        )
+    })?;
+    let code = code.parse::<u32>().map_err(|_| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("bad reply code {text:?}"),
+        )
+    })?;
+    Ok((code, rest.to_owned()))
+}
+
+/// `key=value` pairs of a status line, in order.
+pub fn parse_status_line(text: &str) -> Vec<(String, String)> {
+    text.split_whitespace()
+        .map(|f| {
+            let (k, v) = f
+                .split_once('=')
+                .unwrap_or_else(|| panic!("status field without '=': {f:?} in {text:?}"));
+            (k.to_owned(), v.to_owned())
+        })
+        .collect()
+}
+
+/// A server's status as a map; `None` when its control socket does not answer.
+pub fn try_status(sock: &Path) -> Option<std::collections::BTreeMap<String, String>> {
+    match control_request(sock, &["status"]) {
+        Ok((0, text)) => Some(parse_status_line(&text).into_iter().collect()),
+        _ => None,
+    }
+}
+
+/// A server's status as a map; the server must answer.
+#[track_caller]
+pub fn status_map(sock: &Path) -> std::collections::BTreeMap<String, String> {
+    match control_request(sock, &["status"]) {
+        Ok((0, text)) => parse_status_line(&text).into_iter().collect(),
+        other => panic!("status of {} failed: {other:?}", sock.display()),
+    }
+}
+
+/// One numeric status value; panics when missing or not a number.
+#[track_caller]
+pub fn status_u64(st: &std::collections::BTreeMap<String, String>, key: &str) -> u64 {
+    st.get(key)
+        .unwrap_or_else(|| panic!("status has no {key}: {st:?}"))
+        .parse()
+        .unwrap_or_else(|_| panic!("status {key} is not a number: {st:?}"))
+}
+
+/// Runs `flexnbd ARGS...` under [`TOOL_TIMEOUT`].
+#[track_caller]
+pub fn flexnbd(args: &[&str]) -> CmdOutput {
+    run(Command::new(BIN).args(args), TOOL_TIMEOUT)
+}
+
+/// `flexnbd mirror --addr ADDR --port PORT --sock SOCK EXTRA...`.
+#[track_caller]
+pub fn mirror_cmd(src: &Path, dest: SocketAddr, extra: &[&str]) -> CmdOutput {
+    let ip = dest.ip().to_string();
+    let port = dest.port().to_string();
+    let sock = src.display().to_string();
+    let mut args = vec!["mirror", "--addr", &ip, "--port", &port, "--sock", &sock];
+    args.extend_from_slice(extra);
+    flexnbd(&args)
+}
+
+/// A background process (e.g. a python load generator) with its output in
+/// files; killed and reaped when dropped.
+pub struct Background {
+    child: Child,
+    dir: tempfile::TempDir,
+    pub status: Option<ExitStatus>,
+}
+
+impl Background {
+    /// Starts `cmd` with stdout and stderr going to files.
+    pub fn spawn(cmd: &mut Command) -> Background {
+        let dir = tempdir();
+        let out = File::create(dir.path().join("stdout")).expect("stdout file");
+        let err = File::create(dir.path().join("stderr")).expect("stderr file");
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+        Background {
+            child,
+            dir,
+            status: None,
+        }
+    }
+
+    /// A python-libnbd script (with [`PY_PRELUDE`]) in the background.
+    pub fn python(script: &str, args: &[String]) -> Background {
+        require_python_nbd();
+        let full = format!("{PY_PRELUDE}\n{script}");
+        Background::spawn(Command::new(PYTHON).arg("-c").arg(full).args(args))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        if self.status.is_some() {
+            return false;
+        }
+        match self.child.try_wait() {
+            Ok(Some(s)) => {
+                self.status = Some(s);
+                false
+            }
+            _ => true,
+        }
+    }
+
+    /// Waits for the exit; `None` if still running at the deadline.
+    pub fn wait(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        if self.status.is_none() {
+            self.status = wait_child(&mut self.child, timeout);
+        }
+        self.status
+    }
+
+    pub fn stdout(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("stdout")).unwrap_or_default()
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("stderr")).unwrap_or_default()
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if self.status.is_none() {
+            let _ = self.child.kill();
+            self.status = self.child.wait().ok();
+        }
+    }
+}
+
+/// Whether a TCP connection to `addr` is accepted within a second.
+pub fn accepts(addr: SocketAddr) -> bool {
+    TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok()
+}
+
+// ---------------------------------------------------------------- write load (migrate_* tests)
+
+/// A random 4 KiB writer (python3-libnbd, QD in flight, never two writes to
+/// one block in flight at once). Each write's content names it: (write id,
+/// block) big-endian, repeated. It runs until the server drops it (or the
+/// connection fails) and writes a JSON report: the last acknowledged write of
+/// every block, the writes whose outcome is unknown or failed after it,
+/// failure counts by errno, the first failure, whether any write succeeded
+/// after the first failure, and [epoch, acknowledged] marks every 200
+/// acknowledgements. argv: URI REPORT QD SEED STARTED-FLAG (created after
+/// 2000 acknowledgements).
+pub const LOAD_WRITER: &str = r#"
+import random, struct, time
+uri, outpath, qd, seed, flag = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+h = connect(uri)
+nblocks = h.get_size() // 4096
+rng = random.Random(seed)
+inflight = {}          # cookie -> (block, id, buffer, issued at)
+busy = set()
+last_ok = {}           # block -> id of its last acknowledged write
+unsure = {}            # block -> ids issued after that which did not succeed
+n_ok = n_fail = ok_after_fail = 0
+first_fail = None      # [epoch, errno, message, server_side]
+late_ok = []           # [acknowledged at, issued at, id, block] of successes after first_fail
+fails = {}             # "errno/server_side" -> count
+marks = []             # [epoch, n_ok] every 200 acknowledgements
+next_id = 1
+dead = None
+t0 = time.time()
+
+def content(wid, block):
+    return struct.pack(">QQ", wid, block) * 256
+
+def retire(c):
+    global n_ok, n_fail, ok_after_fail, first_fail
+    block, wid, _, issued = inflight.pop(c)
+    busy.discard(block)
+    err = None
+    try:
+        h.aio_command_completed(c)
+    except nbd.Error as e:
+        err = (e.errnum, e.string or "", "command failed" in (e.string or ""))
+    now = time.time()
+    if err is None:
+        n_ok += 1
+        if first_fail is not None:
+            ok_after_fail += 1
+            if len(late_ok) < 20:
+                late_ok.append([now, issued, wid, block])
+        last_ok[block] = wid
+        unsure.pop(block, None)
+        if n_ok % 200 == 0:
+            marks.append([now, n_ok])
+        if n_ok == 2000:
+            open(flag, "w").close()
+    else:
+        n_fail += 1
+        if first_fail is None:
+            first_fail = [now, err[0], err[1], err[2]]
+        k = "%s/%s" % (err[0], "server" if err[2] else "client")
+        fails[k] = fails.get(k, 0) + 1
+        unsure.setdefault(block, []).append(wid)
+
+try:
+    while True:
+        while len(inflight) < qd:
+            b = rng.randrange(nblocks)
+            if b in busy:
+                continue
+            wid = next_id
+            next_id += 1
+            buf = nbd.Buffer.from_bytearray(bytearray(content(wid, b)))
+            c = h.aio_pwrite(buf, b * 4096)
+            inflight[c] = (b, wid, buf, time.time())
+            busy.add(b)
+        h.poll(-1)
+        while True:
+            c = h.aio_peek_command_completed()
+            if not c:
+                break
+            retire(c)
+except nbd.Error as e:
+    dead = [time.time(), e.errnum, e.string]
+# Retire what completed before the end; the rest has an unknown outcome.
+try:
+    while True:
+        c = h.aio_peek_command_completed()
+        if not c:
+            break
+        retire(c)
+except nbd.Error:
+    pass
+for c, (b, wid, _, _) in list(inflight.items()):
+    unsure.setdefault(b, []).append(wid)
+with open(outpath, "w") as f:
+    json.dump({"last_ok": last_ok, "unsure": unsure, "n_ok": n_ok, "n_fail": n_fail,
+               "ok_after_fail": ok_after_fail, "late_ok": late_ok, "first_fail": first_fail, "fails": fails,
+               "marks": marks, "dead": dead, "issued": next_id - 1, "t0": t0,
+               "t1": time.time()}, f)
+"#;
+
+/// What [`LOAD_WRITER`] writes for write `wid` to `block`.
+pub fn load_block(wid: u64, block: u64) -> Vec<u8> {
+    let mut one = [0u8; 16];
+    one[..8].copy_from_slice(&wid.to_be_bytes());
+    one[8..].copy_from_slice(&block.to_be_bytes());
+    one.repeat(256)
+}
+
+pub const ESHUTDOWN: i64 = 108;
+pub const ENOTCONN: i64 = 107;
+
+/// A running [`LOAD_WRITER`].
+pub struct LoadWriter {
+    pub bg: Background,
+    pub report: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl LoadWriter {
+    /// Starts the writer on `uri` and waits until it has 2000 writes acknowledged.
+    #[track_caller]
+    pub fn start(uri: &str, qd: u32, seed: u64) -> LoadWriter {
+        let dir = tempdir();
+        let report = dir.path().join("writer.json");
+        let flag = dir.path().join("writer.started");
+        let mut bg = Background::python(
+            LOAD_WRITER,
+            &[
+                uri.to_owned(),
+                report.display().to_string(),
+                qd.to_string(),
+                seed.to_string(),
+                flag.display().to_string(),
+            ],
+        );
+        assert!(
+            wait_until(Duration::from_secs(60), || flag.exists()
+                || !bg.is_running()),
+            "writer did not get going"
+        );
+        assert!(bg.is_running(), "writer died early: {}", bg.stderr());
+        LoadWriter {
+            bg,
+            report,
+            _dir: dir,
+        }
+    }
+
+    /// Waits for the writer to end by itself (the server dropped it) and
+    /// returns its report.
+    #[track_caller]
+    pub fn finish(&mut self, timeout: Duration) -> serde_json::Value {
+        let st = self.bg.wait(timeout);
+        assert!(st.is_some(), "writer still running after {timeout:?}");
+        assert!(st.unwrap().success(), "writer failed: {}", self.bg.stderr());
+        let text = std::fs::read_to_string(&self.report).expect("writer report");
+        serde_json::from_str(&text).expect("writer report JSON")
+    }
+}
+
+/// Acknowledged writes after epoch time `t` (from the report's marks; to
+/// within 200).
+pub fn load_acked_after(r: &serde_json::Value, t: f64) -> u64 {
+    let n_ok = r["n_ok"].as_u64().unwrap();
+    let before = r["marks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m[0].as_f64().unwrap() < t)
+        .map(|m| m[1].as_u64().unwrap())
+        .max()
+        .unwrap_or(0);
+    n_ok - before
+}
+
+/// Checks a writer's failures: none before `not_before` (epoch seconds),
+/// none succeeded after the first failure, and every failure is ESHUTDOWN
+/// (the server's answer to requests held at a hand-over) or ENOTCONN
+/// (libnbd failing what was in flight when the server closed; NBD has no
+/// such error code, so it cannot be a server reply).
+#[track_caller]
+pub fn check_load_failures(r: &serde_json::Value, not_before: f64) {
+    if let Some(ff) = r["first_fail"].as_array() {
+        let t_fail = ff[0].as_f64().unwrap();
+        assert!(
+            t_fail >= not_before,
+            "a write failed ({ff:?}) {:.3}s before the hand-over began",
+            not_before - t_fail
+        );
+    }
+    for (k, n) in r["fails"].as_object().unwrap() {
+        let errno: i64 = k.split_once('/').unwrap().0.parse().unwrap();
+        assert!(
+            errno == ESHUTDOWN || errno == ENOTCONN,
+            "write failures other than ESHUTDOWN or the disconnection: {k} x{n} ({})",
+            r["fails"]
+        );
+    }
+    assert_eq!(
+        r["ok_after_fail"].as_u64(),
+        Some(0),
+        "writes succeeded after the first failure {} (failures {}); late \
+         acknowledgements [acked at, issued at, id, block]: {}",
+        r["first_fail"],
+        r["fails"],
+        r["late_ok"]
+    );
+}
+
+/// Checks that every acknowledged write is in the image (`read_block(b)`
+/// returns block b's 4096 bytes): the block holds that write, or a later
+/// write to it whose outcome is unknown. Returns the blocks checked.
+#[track_caller]
+pub fn check_acknowledged_writes(
+    r: &serde_json::Value,
+    mut read_block: impl FnMut(u64) -> Vec<u8>,
+) -> u64 {
+    let unsure: std::collections::HashMap<u64, Vec<u64>> = r["unsure"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(b, v)| {
+            (
+                b.parse().unwrap(),
+                v.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_u64().unwrap())
+                    .collect(),
+            )
+        })
+        .collect();
+    let mut checked = 0;
+    for (b, wid) in r["last_ok"].as_object().unwrap() {
+        let b: u64 = b.parse().unwrap();
+        let wid = wid.as_u64().unwrap();
+        let got = read_block(b);
+        let acked = load_block(wid, b);
+        match unsure.get(&b) {
+            None => assert!(
+                got == acked,
+                "acknowledged write {wid} to block {b} is missing (found id {})",
+                be64(&got, 0)
+            ),
+            Some(later) => assert!(
+                got == acked || later.iter().any(|&u| got == load_block(u, b)),
+                "block {b}: neither acknowledged write {wid} nor a later one {later:?}"
+            ),
+        }
+        checked += 1;
+    }
+    checked
+}
+
+/// Seconds since the epoch (comparable with python's time.time()).
+pub fn now_epoch() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+/// What a [`StatusPoller`] saw.
+#[derive(Debug, Clone, Default)]
+pub struct Polled {
+    /// Request time (epoch) of the last answer with clients_allowed=true.
+    pub last_allowed: f64,
+    /// Whether is_mirroring=true was seen.
+    pub mirroring: bool,
+    /// Highest migration_attempts seen.
+    pub attempts: u64,
+    /// The first answer with is_mirroring=false and clients_allowed=true
+    /// (not migrating, not in or past a hand-over), if any.
+    pub idle: Option<String>,
+}
+
+/// Polls a server's status every 10 ms on a thread until finished or the
+/// control socket disappears.
+pub struct StatusPoller {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Polled>>,
+}
+
+impl StatusPoller {
+    pub fn start(sock: &Path) -> StatusPoller {
+        use std::sync::atomic::Ordering::SeqCst;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s2 = stop.clone();
+        let sock = sock.to_owned();
+        let thread = std::thread::spawn(move || {
+            let mut p = Polled::default();
+            while !s2.load(SeqCst) {
+                let t = now_epoch();
+                match try_status(&sock) {
+                    Some(st) => {
+                        let allowed = st.get("clients_allowed").map(String::as_str) == Some("true");
+                        let mirroring = st.get("is_mirroring").map(String::as_str) == Some("true");
+                        if allowed {
+                            p.last_allowed = t;
+                        }
+                        p.mirroring |= mirroring;
+                        if allowed && !mirroring && p.idle.is_none() {
+                            p.idle = Some(format!("{st:?}"));
+                        }
+                        if let Some(a) = st.get("migration_attempts") {
+                            p.attempts = p.attempts.max(a.parse().unwrap_or(0));
+                        }
+                    }
+                    None if !sock.exists() => break,
+                    None => {}
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            p
+        });
+        StatusPoller {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn finish(mut self) -> Polled {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.thread.take().unwrap().join().expect("status poller")
+    }
+}
+
+impl Drop for StatusPoller {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
