@@ -106,18 +106,17 @@ pub fn sendfile(
     cvt(r as libc::c_long).map(|n| n as usize)
 }
 
-/// Sets `MSG_MORE`-like corking on a TCP socket (`TCP_CORK`).
-pub fn set_tcp_cork(fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
-    let v: libc::c_int = on as libc::c_int;
-    // SAFETY: passes a pointer to a local c_int and its size.
+/// `send(2)` with `MSG_MORE`: more data follows at once, so a small header is
+/// not sent as a packet of its own.
+pub fn send_more(sock: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is borrowed (and only read) for the duration of the call.
     let r = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_CORK,
-            &v as *const libc::c_int as *const libc::c_void,
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        libc::send(
+            sock.as_raw_fd(),
+            buf.as_ptr() as *const libc::c_void,
+            buf.len(),
+            libc::MSG_MORE | libc::MSG_NOSIGNAL,
         )
     };
-    cvt(r as libc::c_long).map(|_| ())
+    cvt(r as libc::c_long).map(|n| n as usize)
 }

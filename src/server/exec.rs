@@ -4,6 +4,7 @@ use super::out::{MAX_BUFFERED_READ, OUT_CAP};
 use super::reader::Reader;
 use super::session::{Session, Worker, PAYLOAD_CAP};
 use super::validate::{Op, Refusal};
+use super::zerocopy::ZERO_COPY_MIN;
 use crate::export::{self, Export};
 use crate::proto::consts::{STATE_HOLE, STATE_ZERO};
 use crate::proto::reply::{
@@ -211,6 +212,9 @@ impl Session {
                 }
             }
         }
+        if len >= ZERO_COPY_MIN {
+            return self.read_zero_copy(w, req);
+        }
         let hdr = if structured { 28 } else { 16 };
         self.ensure_room(w, hdr + len)?;
         let mark = w.out.mark();
@@ -268,49 +272,31 @@ impl Session {
         Ok(())
     }
 
-    /// A read too large for the reply buffer, sent in pieces.
+    /// A read too large for the reply buffer, sent in pieces straight from the
+    /// page cache (structured: a hole or data chunk per piece).
     fn stream_read(&self, w: &mut Worker, req: &Request) -> io::Result<()> {
+        if !self.neg.structured {
+            return self.read_zero_copy(w, req);
+        }
         w.out.send(&self.conn, &self.writer)?;
         let _g = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let mut c = &self.conn;
         let end = req.offset + req.length as u64;
         let mut pos = req.offset;
-        let mut header_sent = false;
         while pos < end {
             let n = ((end - pos) as usize).min(STREAM_PIECE);
-            let last = pos + n as u64 == end;
-            if self.neg.structured
-                && self
-                    .export
-                    .storage()
-                    .is_hole(pos, n as u64)
-                    .unwrap_or(false)
-            {
-                c.write_all(&offset_hole_chunk(req.cookie, pos, n as u32, last))?;
-                pos += n as u64;
-                continue;
-            }
-            let buf = &mut w.out.scratch()[..n];
-            if let Err(e) = self.export.read(buf, pos) {
-                if self.neg.structured {
+            let storage = self.export.storage();
+            if storage.is_hole(pos, n as u64).unwrap_or(false) {
+                c.write_all(&offset_hole_chunk(req.cookie, pos, n as u32, false))?;
+            } else {
+                self.send_header(&offset_data_header(req.cookie, pos, n as u32, false))?;
+                if let Err(e) = self.splice(pos, n)? {
                     return c.write_all(&error_chunk(req.cookie, errno(&e), &e.to_string()));
                 }
-                if !header_sent {
-                    return c.write_all(&SimpleReply::err(req.cookie, errno(&e)).encode());
-                }
-                // A simple reply already promised the data: only a hard disconnect is left.
-                return Err(io::Error::other(format!("read failed mid-reply: {e}")));
             }
-            if self.neg.structured {
-                c.write_all(&offset_data_header(req.cookie, pos, n as u32, last))?;
-            } else if !header_sent {
-                c.write_all(&SimpleReply::ok(req.cookie).encode())?;
-                header_sent = true;
-            }
-            c.write_all(&w.out.scratch()[..n])?;
             pos += n as u64;
         }
-        Ok(())
+        c.write_all(&none_chunk(req.cookie))
     }
 
     /// A write too large to gather, executed while its payload streams in.

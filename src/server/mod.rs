@@ -10,6 +10,7 @@ mod out;
 mod reader;
 pub mod session;
 pub mod validate;
+mod zerocopy;
 
 pub use conn::Conn;
 pub use listener::{Bound, Listener};

@@ -49,11 +49,6 @@ impl Out {
         &mut self.buf[s..s + n]
     }
 
-    /// A scratch area after the used part (for streaming large replies).
-    pub fn scratch(&mut self) -> &mut [u8] {
-        &mut self.buf[self.used..]
-    }
-
     /// Sends everything gathered, under the connection's writer lock.
     pub fn send(&mut self, conn: &Conn, writer: &Mutex<()>) -> io::Result<()> {
         if self.used == 0 {

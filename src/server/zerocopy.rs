@@ -1,0 +1,91 @@
+//! Read replies sent straight from the page cache with `sendfile(2)`: the
+//! data is not copied through the server's memory.
+
+use super::exec::errno;
+use super::session::{Session, Worker};
+use crate::export;
+use crate::proto::reply::{error_chunk, none_chunk, offset_data_header};
+use crate::proto::{Request, SimpleReply};
+use crate::sys;
+use std::io::{self, Write};
+use std::os::fd::AsFd;
+
+/// Reads at least this long are sent with `sendfile`.
+pub(super) const ZERO_COPY_MIN: usize = 64 * 1024;
+
+/// Zeroes for the part of a reply past the end of a file that shrank.
+static ZEROES: [u8; 64 * 1024] = [0; 64 * 1024];
+
+impl Session {
+    /// Writes a small header that the data will follow at once.
+    pub(super) fn send_header(&self, hdr: &[u8]) -> io::Result<()> {
+        if !self.conn.is_tcp() {
+            return (&self.conn).write_all(hdr);
+        }
+        let mut done = 0;
+        while done < hdr.len() {
+            match sys::send_more(self.conn.as_fd(), &hdr[done..]) {
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends `len` bytes of the image at `off` after a header already sent.
+    /// The outer error ends the connection; the inner one is a failure to read
+    /// the image after some bytes were sent (the rest is padded with zeroes).
+    pub(super) fn splice(&self, off: u64, len: usize) -> io::Result<Result<(), export::Error>> {
+        let file = self.export.storage().fd();
+        let mut sent = 0usize;
+        let mut failed = None;
+        while sent < len {
+            if failed.is_none() {
+                match sys::sendfile(self.conn.as_fd(), file, off + sent as u64, len - sent) {
+                    Ok(0) => failed = Some(Ok(())), // past the end: zeroes follow
+                    Ok(n) => {
+                        sent += n;
+                        continue;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) if e.raw_os_error() == Some(libc::EIO) => failed = Some(Err(e)),
+                    Err(e) => return Err(e),
+                }
+            }
+            let n = (len - sent).min(ZEROES.len());
+            (&self.conn).write_all(&ZEROES[..n])?;
+            sent += n;
+        }
+        Ok(match failed {
+            Some(Err(e)) => Err(export::Error::Io(e)),
+            _ => Ok(()),
+        })
+    }
+
+    /// A whole read reply (one data chunk, or a simple reply) sent with `sendfile`.
+    pub(super) fn read_zero_copy(&self, w: &mut Worker, req: &Request) -> io::Result<()> {
+        let len = req.length as usize;
+        w.out.send(&self.conn, &self.writer)?;
+        let _g = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        if self.neg.structured {
+            // Not final: a read error can still show up while the data goes out.
+            self.send_header(&offset_data_header(
+                req.cookie, req.offset, len as u32, false,
+            ))?;
+            match self.splice(req.offset, len)? {
+                Ok(()) => (&self.conn).write_all(&none_chunk(req.cookie)),
+                Err(e) => {
+                    (&self.conn).write_all(&error_chunk(req.cookie, errno(&e), &e.to_string()))
+                }
+            }
+        } else {
+            self.send_header(&SimpleReply::ok(req.cookie).encode())?;
+            match self.splice(req.offset, len)? {
+                Ok(()) => Ok(()),
+                // The reply already promised the data: only a hard disconnect is left.
+                Err(e) => Err(io::Error::other(format!("read failed mid-reply: {e}"))),
+            }
+        }
+    }
+}
