@@ -2,7 +2,7 @@
 
 use super::out::{MAX_BUFFERED_READ, OUT_CAP};
 use super::reader::Reader;
-use super::session::{Session, Worker, PAYLOAD_CAP};
+use super::session::{Session, Worker, PAYLOAD_CAP, SLOW_REQUEST};
 use super::validate::{Op, Refusal};
 use super::zerocopy::ZERO_COPY_MIN;
 use crate::export::{self, Export};
@@ -14,6 +14,8 @@ use crate::proto::{NbdErrno, Request, SimpleReply};
 use crate::server::handshake::BASE_ALLOCATION_ID;
 use crate::storage::Extent;
 use std::io::{self, Write};
+use std::sync::Arc;
+use std::time::Instant;
 
 /// Reads at least this long are checked for holes (sent as hole chunks).
 const HOLE_READ_MIN: usize = 64 * 1024;
@@ -81,14 +83,18 @@ impl Session {
     }
 
     /// Executes the gathered batch, appending replies to the worker's buffer.
-    pub(super) fn execute(&self, w: &mut Worker) -> io::Result<()> {
+    pub(super) fn execute(self: &Arc<Self>, w: &mut Worker) -> io::Result<()> {
         let batch = std::mem::take(&mut w.batch);
         let r = self.execute_items(w, &batch);
         w.batch = batch;
         r
     }
 
-    fn execute_items(&self, w: &mut Worker, batch: &[super::session::Item]) -> io::Result<()> {
+    fn execute_items(
+        self: &Arc<Self>,
+        w: &mut Worker,
+        batch: &[super::session::Item],
+    ) -> io::Result<()> {
         let ex: &Export = &self.export;
         for item in batch {
             let req = &item.req;
@@ -102,8 +108,9 @@ impl Session {
                 }
             };
             if slow(&op) {
-                // Replies already made need not wait for the disk.
+                // Replies already made need not wait for the disk, nor other requests.
                 w.out.send(&self.conn, &self.writer)?;
+                self.slow_request_seen();
             }
             let gate = ex.gate();
             let entered = match gate.try_enter() {
@@ -127,7 +134,9 @@ impl Session {
                 Op::Read { df } => self.read(w, req, df)?,
                 Op::Write { fua } => {
                     let data = &w.payload[item.at..item.at + req.length as usize];
+                    let started = Instant::now();
                     let r = ex.write(data, off, fua);
+                    self.timed(started);
                     if r.is_ok() {
                         self.covered(off, len);
                     }
@@ -183,7 +192,15 @@ impl Session {
         Ok(())
     }
 
-    fn read(&self, w: &mut Worker, req: &Request, df: bool) -> io::Result<()> {
+    /// Notes how long a request took at the storage; a slow one means the
+    /// image is not (all) in memory, so requests should overlap.
+    fn timed(self: &Arc<Self>, started: Instant) {
+        if started.elapsed() > SLOW_REQUEST {
+            self.slow_request_seen();
+        }
+    }
+
+    fn read(self: &Arc<Self>, w: &mut Worker, req: &Request, df: bool) -> io::Result<()> {
         let len = req.length as usize;
         if len > MAX_BUFFERED_READ {
             return self.stream_read(w, req);
@@ -219,7 +236,10 @@ impl Session {
         self.ensure_room(w, hdr + len)?;
         let mark = w.out.mark();
         let slot = w.out.claim(hdr + len);
-        match self.export.read(&mut slot[hdr..], req.offset) {
+        let started = Instant::now();
+        let r = self.export.read(&mut slot[hdr..], req.offset);
+        self.timed(started);
+        match r {
             Ok(()) => {
                 if structured {
                     slot[..hdr].copy_from_slice(&offset_data_header(

@@ -16,11 +16,14 @@ use std::net::Shutdown;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
-/// Workers per connection (started as the pipeline fills).
+/// Workers per connection once requests turn out slow.
 const MAX_WORKERS: usize = 4;
 /// Requests taken per turn at the reader.
-const MAX_BATCH: usize = 16;
+const MAX_BATCH: usize = 32;
+/// A request taking longer than this reveals slow storage.
+pub(super) const SLOW_REQUEST: Duration = Duration::from_micros(500);
 /// Write payload gathered per batch; larger writes are streamed.
 pub(super) const PAYLOAD_CAP: usize = 4 << 20;
 
@@ -61,6 +64,9 @@ pub struct Session {
     end: Mutex<Option<End>>,
     idle: AtomicUsize,
     workers: AtomicUsize,
+    /// Workers allowed: one while every request is served from memory (no
+    /// hand-offs between threads), more once one was slow.
+    allowed: AtomicUsize,
     handles: Mutex<Vec<JoinHandle<()>>>,
     pub(super) name: String,
     /// Ranges written by this client, tracked for an incoming migration.
@@ -86,6 +92,7 @@ impl Session {
             end: Mutex::new(None),
             idle: AtomicUsize::new(0),
             workers: AtomicUsize::new(1),
+            allowed: AtomicUsize::new(1),
             handles: Mutex::new(Vec::new()),
             name,
             coverage: track_coverage.then(|| Mutex::new(Coverage::default())),
@@ -172,18 +179,38 @@ impl Session {
             return Ok(());
         }
         let gathered = self.gather(&mut rd, w);
-        if !self.stopped() && self.idle.load(SeqCst) == 0 {
-            self.spawn_worker();
-        }
         drop(rd);
+        self.add_worker_if_needed();
         let executed = self.execute(w);
         let sent = w.out.send(&self.conn, &self.writer);
         gathered.and(executed).and(sent)
     }
 
+    /// Storage turned out slow: from now on, requests are executed by several
+    /// workers at once, and one more starts now if nobody is reading.
+    pub(super) fn slow_request_seen(self: &Arc<Self>) {
+        if self.allowed.swap(MAX_WORKERS, SeqCst) < MAX_WORKERS {
+            debug!(
+                "{}: slow requests: serving with up to {MAX_WORKERS} workers",
+                self.name
+            );
+        }
+        self.add_worker_if_needed();
+    }
+
+    /// Starts a worker if more are allowed and none is waiting to read.
+    fn add_worker_if_needed(self: &Arc<Self>) {
+        if !self.stopped()
+            && self.idle.load(SeqCst) == 0
+            && self.workers.load(SeqCst) < self.allowed.load(SeqCst)
+        {
+            self.spawn_worker();
+        }
+    }
+
     fn spawn_worker(self: &Arc<Self>) {
         let mut hs = self.handles.lock().unwrap_or_else(|p| p.into_inner());
-        if self.stopped() || self.workers.load(SeqCst) >= MAX_WORKERS {
+        if self.stopped() || self.workers.load(SeqCst) >= self.allowed.load(SeqCst) {
             return;
         }
         let me = self.clone();
