@@ -199,6 +199,7 @@ pub fn run(mode: Mode, opts: &ServeOpts, rebind: Option<Rebind>) -> anyhow::Resu
         has_control: AtomicBool::new(mode == Mode::Serve),
         clients_allowed: AtomicBool::new(mode == Mode::Serve),
         shutting_down: AtomicBool::new(false),
+        starting: AtomicBool::new(false),
         mirror: std::sync::Mutex::new(None),
         events: std::sync::Mutex::new(tx.clone()),
         request_timeout,

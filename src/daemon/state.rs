@@ -19,6 +19,8 @@ pub(super) struct Daemon {
     pub has_control: AtomicBool,
     pub clients_allowed: AtomicBool,
     pub shutting_down: AtomicBool,
+    /// A `mirror` command is connecting to its destination.
+    pub starting: AtomicBool,
     pub mirror: Mutex<Option<Arc<Mirror>>>,
     pub events: Mutex<mpsc::Sender<Event>>,
     pub request_timeout: Duration,
@@ -91,8 +93,9 @@ impl Handler for Control {
         if !d.has_control.load(SeqCst) {
             return Reply::err(1, "this server has not received its image yet");
         }
-        let mut slot = d.mirror.lock().unwrap_or_else(|p| p.into_inner());
-        if slot.as_ref().is_some_and(|m| m.finish().is_none()) {
+        // Connecting can take seconds: the slot is not held meanwhile, so
+        // `status` keeps answering; `starting` keeps a second start out.
+        if d.running_mirror().is_some() || d.starting.swap(true, SeqCst) {
             return Reply::err(1, "mirror already running");
         }
         let spec = Spec {
@@ -105,13 +108,21 @@ impl Handler for Control {
             request_timeout: d.request_timeout,
         };
         let hooks = Arc::new(MirrorHooks { daemon: d.clone() });
-        match Mirror::start(d.export.clone(), spec, hooks) {
+        let started = Mirror::start(d.export.clone(), spec, hooks);
+        let reply = match started {
             Ok(m) => {
-                *slot = Some(m);
-                Reply::ok("Mirror started")
+                *d.mirror.lock().unwrap_or_else(|p| p.into_inner()) = Some(m.clone());
+                if d.shutting_down.load(SeqCst) {
+                    m.stop();
+                    Reply::err(1, "shutting down")
+                } else {
+                    Reply::ok("Mirror started")
+                }
             }
             Err(e) => Reply::err(1, e.to_string()),
-        }
+        };
+        d.starting.store(false, SeqCst);
+        reply
     }
 
     fn set_mirror_speed(&self, bytes_per_sec: u64) -> Reply {

@@ -5,7 +5,11 @@ use crate::proto::consts::REQUEST_LEN;
 use crate::proto::{ProtoError, Request};
 use std::io::{self, Read};
 
-const BUF_LEN: usize = 256 * 1024;
+const BUF_LEN: usize = 128 * 1024;
+/// Most bytes taken from the socket at once while looking for a request: enough
+/// for dozens of small requests, while most of a large write's payload is read
+/// straight into its own buffer instead of being copied through this one.
+const FILL_MAX: usize = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
@@ -44,13 +48,14 @@ impl Reader {
         if self.start == self.end {
             self.start = 0;
             self.end = 0;
-        } else if self.end == self.buf.len() {
+        } else if self.buf.len() - self.end < FILL_MAX {
             self.buf.copy_within(self.start..self.end, 0);
             self.end -= self.start;
             self.start = 0;
         }
+        let limit = (self.end + FILL_MAX).min(self.buf.len());
         loop {
-            match (&self.conn).read(&mut self.buf[self.end..]) {
+            match (&self.conn).read(&mut self.buf[self.end..limit]) {
                 Ok(0) => return Err(ReadError::Eof),
                 Ok(n) => {
                     self.end += n;
