@@ -166,6 +166,42 @@ fn start_failures_are_reported_and_not_retried() {
     assert_bytes_eq(&data, &read_file(&src.file), "destination image");
 }
 
+/// Expected: while `mirror` waits (up to 5 s) for a destination that never
+/// greets, the source's control socket keeps answering at once: `status`
+/// replies within 1 s, and a second `mirror` gets "mirror already running".
+#[test]
+fn control_answers_while_a_mirror_connects() {
+    let size = 2 * MIB;
+    let src = source(size, 7);
+    let fake = FakeDest::start(DestConfig::newstyle(size).faults(&[Fault::HangBeforeGreeting]));
+    let ctl = src.srv.ctl().to_owned();
+    let addr = fake.addr;
+    let first = std::thread::spawn(move || mirror_cmd(&ctl, addr, &[]));
+    assert!(
+        fake.wait_for(Duration::from_secs(5), |c| !c.is_empty()),
+        "the source never connected"
+    );
+    let t = Instant::now();
+    let st = status_map(src.srv.ctl());
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "status took {:?} while a mirror was connecting",
+        t.elapsed()
+    );
+    assert_eq!(st["is_mirroring"], "false", "{st:?}");
+    let second = mirror_cmd(src.srv.ctl(), addr, &[]);
+    assert_eq!(second.status.code(), Some(1), "{second:?}");
+    assert!(
+        second.stderr_str().contains("mirror already running"),
+        "{second:?}"
+    );
+    let out = first.join().unwrap();
+    assert!(
+        out.stderr_str().contains("Remote server failed to respond"),
+        "{out:?}"
+    );
+}
+
 /// Expected: a real `flexnbd listen` whose ACL excludes the source's address
 /// (127.0.0.1) closes its connection with nothing sent: `mirror` exits 1 with
 /// "Mirror was rejected", nothing is retried, the listener stays waiting, and
