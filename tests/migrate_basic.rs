@@ -846,3 +846,90 @@ fn listener_stopped_before_migration_exits_1_and_keeps_marker() {
         assert!(!dst.ctl().exists(), "control socket removed");
     }
 }
+
+/// A writer that rewrites the same four blocks as fast as it can (4 in
+/// flight), recording the last acknowledged content of each block.
+const HOT_WRITER: &str = r#"
+import struct
+uri, outpath, flag = sys.argv[1], sys.argv[2], sys.argv[3]
+h = connect(uri)
+last_ok = {}
+inflight = {}
+n = 0
+err = None
+try:
+    while True:
+        while len(inflight) < 4:
+            n += 1
+            b = n % 4
+            if b in inflight.values():
+                break
+            buf = nbd.Buffer.from_bytearray(bytearray(struct.pack(">QQ", n, b) * 256))
+            inflight[h.aio_pwrite(buf, b * 4096)] = b
+            inflight_ids[b] = n
+        h.poll(-1)
+        for c in list(inflight):
+            if h.aio_command_completed(c):
+                b = inflight.pop(c)
+                last_ok[b] = inflight_ids[b]
+                if len(last_ok) == 4 and not os.path.exists(flag):
+                    open(flag, "w").close()
+except nbd.Error as e:
+    err = e.string
+json.dump({"last_ok": last_ok, "error": err}, open(outpath, "w"))
+"#;
+
+/// Expected: a client rewriting the same few blocks as fast as it can does
+/// not keep the migration from converging (its writes keep overlapping the
+/// copies in flight): the hand-over happens within 60 s, the destination
+/// equals the source, and each hot block holds its last acknowledged write.
+#[test]
+fn migration_converges_while_a_client_rewrites_a_hot_block() {
+    let _h = heavy();
+    let size = 64 * MIB;
+    let dir = big_tempdir(3 * size);
+    let mut p = pair_in(dir, size, 0x4070, &[]);
+    let work = tempdir();
+    let report = work.path().join("hot.json");
+    let flag = work.path().join("hot.started");
+    let script = format!("inflight_ids = {{}}\n{HOT_WRITER}");
+    let mut bg = Background::python(
+        &script,
+        &[
+            p.src.uri(),
+            report.display().to_string(),
+            flag.display().to_string(),
+        ],
+    );
+    assert!(
+        wait_until(Duration::from_secs(30), || flag.exists()
+            || !bg.is_running()),
+        "hot writer did not start: {}",
+        bg.stderr()
+    );
+    mirror_cmd(p.src.ctl(), p.dst.addr(), &[]).expect_success("mirror");
+    wait_handed_over(&mut p.src, &p.dst, Duration::from_secs(60));
+    assert_took_over(&p);
+    assert!(
+        bg.wait(Duration::from_secs(30)).is_some(),
+        "writer still running"
+    );
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).expect("report")).unwrap();
+    assert_eq!(md5_file(&p.dst_file), md5_file(&p.src_file));
+    let last = r["last_ok"].as_object().expect("last_ok");
+    assert_eq!(last.len(), 4, "{r}");
+    for (b, id) in last {
+        let b: u64 = b.parse().unwrap();
+        let got = read_file_at(&p.dst_file, b * 4096, 16);
+        let id = id.as_u64().unwrap();
+        // The block holds its last acknowledged write or a later one whose
+        // reply was lost at the hand-over.
+        let got_id = u64::from_be_bytes(got[..8].try_into().unwrap());
+        assert!(
+            got_id >= id,
+            "block {b}: destination has write {got_id}, acknowledged {id}"
+        );
+        assert_eq!(u64::from_be_bytes(got[8..16].try_into().unwrap()), b);
+    }
+}

@@ -10,6 +10,8 @@ use crate::storage::is_zero;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// Dirty data left for the hand-over to send while clients wait.
+const HANDOVER_REMAINDER: u64 = 4 << 20;
 /// Largest single WRITE sent to the destination.
 const MAX_WRITE: u64 = 8 << 20;
 /// Largest single WRITE_ZEROES sent to the destination.
@@ -133,7 +135,7 @@ fn copy_all(s: &Arc<Shared>, link: &Arc<Link>) -> Result<Done, Stop> {
     s.set_phase(Phase::Passes);
     let mut conv = Convergence::new();
     loop {
-        pass(s, link, false)?;
+        pass(s, link)?;
         if !link.drain() {
             return Err(link_failed(s, link));
         }
@@ -149,7 +151,7 @@ fn copy_all(s: &Arc<Shared>, link: &Arc<Link>) -> Result<Done, Stop> {
 
     s.set_phase(Phase::Active);
     s.observer.forward(link.clone());
-    drain_dirty(s, link)?;
+    drain_dirty(s, link, HANDOVER_REMAINDER)?;
     handover(s, link)
 }
 
@@ -181,8 +183,8 @@ fn sweep(s: &Shared, link: &Link) -> Result<(), Stop> {
     Ok(())
 }
 
-/// One pass over the dirty map (wrapping around when `wrap`).
-fn pass(s: &Shared, link: &Link, wrap: bool) -> Result<(), Stop> {
+/// One pass over the dirty map, from the start to the end of the image.
+fn pass(s: &Shared, link: &Link) -> Result<(), Stop> {
     let mut cursor = 0u64;
     loop {
         if s.stopped() {
@@ -193,12 +195,7 @@ fn pass(s: &Shared, link: &Link, wrap: bool) -> Result<(), Stop> {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .piece(MAX_WRITE);
-        let next = if wrap {
-            s.dirty.take(cursor, piece)
-        } else {
-            s.dirty.take_after(cursor, piece)
-        };
-        let Some((off, len)) = next else {
+        let Some((off, len)) = s.dirty.take_after(cursor, piece) else {
             return Ok(());
         };
         send_data(s, link, off, len, false)?;
@@ -206,14 +203,16 @@ fn pass(s: &Shared, link: &Link, wrap: bool) -> Result<(), Stop> {
     }
 }
 
-/// Sends dirty data until none is left and everything sent is confirmed.
-fn drain_dirty(s: &Shared, link: &Link) -> Result<(), Stop> {
+/// Passes over the dirty map until at most `left` bytes are dirty and
+/// everything sent is confirmed. In active mirroring a block that clients keep
+/// rewriting can stay dirty, so the hand-over (clients held) sends the rest.
+fn drain_dirty(s: &Shared, link: &Link, left: u64) -> Result<(), Stop> {
     loop {
-        pass(s, link, true)?;
+        pass(s, link)?;
         if !link.drain() {
             return Err(link_failed(s, link));
         }
-        if s.dirty.is_clean() {
+        if s.dirty.dirty_bytes() <= left {
             return Ok(());
         }
     }
@@ -351,7 +350,7 @@ fn handover(s: &Arc<Shared>, link: &Arc<Link>) -> Result<Done, Stop> {
 }
 
 fn finish_copy(s: &Shared, link: &Link) -> Result<(), Stop> {
-    drain_dirty(s, link)?;
+    drain_dirty(s, link, 0)?;
     if !link.flush() {
         return Err(link_failed(s, link));
     }

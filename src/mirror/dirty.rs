@@ -95,29 +95,16 @@ impl DirtyMap {
         self.dirty_blocks.fetch_sub(removed, SeqCst);
     }
 
-    /// Finds the first dirty run at or after byte `from` (wrapping to the
-    /// start), clears up to `max_len` bytes of it and returns it as a byte range.
-    pub fn take(&self, from: u64, max_len: u64) -> Option<(u64, u64)> {
-        self.take_run(from, max_len, true)
-    }
-
-    /// Like [`take`](Self::take) but without wrapping: `None` when nothing is
-    /// dirty at or after `from`.
+    /// Finds the first dirty run at or after byte `from`, clears up to
+    /// `max_len` bytes of it and returns it as a byte range; `None` when
+    /// nothing is dirty at or after `from`.
     pub fn take_after(&self, from: u64, max_len: u64) -> Option<(u64, u64)> {
-        self.take_run(from, max_len, false)
-    }
-
-    fn take_run(&self, from: u64, max_len: u64, wrap: bool) -> Option<(u64, u64)> {
         if self.dirty_blocks.load(SeqCst) == 0 {
             return None;
         }
         let blocks = self.blocks();
         let start = (from >> self.shift).min(blocks);
-        let first = match self.find_set(start, blocks) {
-            Some(b) => b,
-            None if wrap => self.find_set(0, start)?,
-            None => return None,
-        };
+        let first = self.find_set(start, blocks)?;
         let max_blocks = (max_len >> self.shift).max(1);
         let mut end = first + 1;
         while end < blocks && end - first < max_blocks && self.is_set(end) {
@@ -131,7 +118,7 @@ impl DirtyMap {
         self.dirty_blocks.fetch_sub(removed, SeqCst);
         if removed == 0 {
             // Taken by someone else in the meantime.
-            return self.take_run(from, max_len, wrap);
+            return self.take_after(from, max_len);
         }
         let off = first << self.shift;
         let len = ((end << self.shift).min(self.size)) - off;
@@ -174,23 +161,24 @@ mod tests {
     #[test]
     fn mark_and_take() {
         let m = DirtyMap::new(1 << 20, 4096);
-        assert!(m.take(0, 1 << 20).is_none());
+        assert!(m.take_after(0, 1 << 20).is_none());
         m.mark(5000, 10);
         assert_eq!(m.dirty_bytes(), 4096);
         m.mark(4096 * 10, 4096 * 3 + 1);
-        assert_eq!(m.take(0, 1 << 20), Some((4096, 4096)));
-        assert_eq!(m.take(0, 8192), Some((4096 * 10, 8192)));
-        assert_eq!(m.take(0, 1 << 20), Some((4096 * 12, 8192)));
+        assert_eq!(m.take_after(0, 1 << 20), Some((4096, 4096)));
+        assert_eq!(m.take_after(0, 8192), Some((4096 * 10, 8192)));
+        assert_eq!(m.take_after(0, 1 << 20), Some((4096 * 12, 8192)));
         assert!(m.is_clean());
     }
 
     #[test]
-    fn wraps_and_clips_to_size() {
+    fn clips_to_size() {
         let m = DirtyMap::new(10_000, 4096);
         m.mark(0, 1);
         m.mark(9_999, 1);
-        assert_eq!(m.take(5000, 1 << 20), Some((8192, 10_000 - 8192)));
-        assert_eq!(m.take(9000, 1 << 20), Some((0, 4096)));
+        assert_eq!(m.take_after(5000, 1 << 20), Some((8192, 10_000 - 8192)));
+        assert_eq!(m.take_after(9000, 1 << 20), None);
+        assert_eq!(m.take_after(0, 1 << 20), Some((0, 4096)));
         m.mark_all();
         assert_eq!(m.dirty_bytes(), 10_000);
         m.clear_all();
@@ -218,6 +206,7 @@ mod tests {
         /// Against a Vec<bool> model: marks then takes return exactly the marked blocks.
         #[test]
         fn matches_model(size in 1u64..300_000, marks in proptest::collection::vec((0u64..320_000, 0u64..40_000), 0..30), from in 0u64..300_000, chunk in 1u64..100_000) {
+            // Takes from `from` to the end, then from 0 to the end again.
             let m = DirtyMap::new(size, 4096);
             let nblocks = size.div_ceil(4096) as usize;
             let mut model = vec![false; nblocks];
@@ -234,7 +223,16 @@ mod tests {
             prop_assert_eq!(m.dirty_bytes(), (expected * 4096).min(size));
             let mut seen = vec![false; nblocks];
             let mut pos = from;
-            while let Some((o, l)) = m.take(pos, chunk) {
+            let mut restarted = false;
+            loop {
+                let Some((o, l)) = m.take_after(pos, chunk) else {
+                    if restarted {
+                        break;
+                    }
+                    restarted = true;
+                    pos = 0;
+                    continue;
+                };
                 prop_assert!(l > 0 && o + l <= size);
                 for b in (o / 4096)..=((o + l - 1) / 4096) {
                     prop_assert!(model[b as usize], "block {} was not marked", b);
