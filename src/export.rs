@@ -112,8 +112,8 @@ impl Export {
         self.changes.fetch_add(1, SeqCst);
     }
 
-    /// Checks a read range without reading.
-    pub fn check_read(&self, offset: u64, len: u64) -> Result<(), Error> {
+    /// Checks a read range.
+    fn check_read(&self, offset: u64, len: u64) -> Result<(), Error> {
         if self.in_range(offset, len) {
             Ok(())
         } else {
@@ -304,14 +304,6 @@ impl Gate {
         self.closed.store(true, SeqCst);
         let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         self.cv.notify_all();
-    }
-
-    pub fn is_shut(&self) -> bool {
-        self.shutdown.load(SeqCst)
-    }
-
-    pub fn in_flight(&self) -> usize {
-        self.inflight.load(SeqCst)
     }
 }
 

@@ -83,14 +83,6 @@ impl Inflight {
         self.cv.notify_all();
     }
 
-    /// Waits until no claim is held.
-    pub fn wait_empty(&self) {
-        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        while !s.ranges.is_empty() {
-            s = self.cv.wait(s).unwrap_or_else(|p| p.into_inner());
-        }
-    }
-
     pub fn is_empty(&self) -> bool {
         self.state
             .lock()

@@ -69,8 +69,6 @@ pub struct Link {
     dirty: Arc<DirtyMap>,
     pub inflight: Arc<Inflight>,
     flags: u16,
-    /// Bytes confirmed by the destination, for the speed estimate.
-    pub confirmed: AtomicU64,
     receiver: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -92,7 +90,6 @@ impl Link {
             dirty,
             inflight: Inflight::new(),
             flags,
-            confirmed: AtomicU64::new(0),
             receiver: Mutex::new(None),
         });
         let l2 = link.clone();
@@ -148,7 +145,6 @@ impl Link {
         if let Some(p) = w.pending.remove(&cookie) {
             w.bytes -= p.bytes;
             w.requests -= 1;
-            self.confirmed.fetch_add(p.bytes, SeqCst);
             if let Some(wt) = &p.waiter {
                 wt.set(true);
             }
