@@ -775,6 +775,56 @@ fn second_sender_is_closed_and_first_unaffected() {
     l.real_migration_completes(24);
 }
 
+/// Expected: with `FLEXNBD_MIGRATION_IDLE_SECS=1`, a sender whose requests
+/// keep coming less than a second apart stays connected; once it goes quiet
+/// (connected, nothing sent) the listener drops it after about a second,
+/// saying why, and stays waiting without control; the slot it held is free
+/// again and a real migration then completes.
+#[test]
+fn quiet_sender_is_dropped_after_the_idle_limit() {
+    let dir = tempdir();
+    let file = dir.path().join("dst.img");
+    create_sparse_file(&file, LSIZE);
+    let srv = Daemon::listen(&file, &dir.path().join("dst.sock"))
+        .env("FLEXNBD_MIGRATION_IDLE_SECS", "1")
+        .start();
+    let mut l = Listener { dir, file, srv };
+    let (mut a, _, _) = Sender::handshake(l.srv.addr());
+    for i in 0..5u64 {
+        assert_eq!(
+            a.write(i, i * 65536, &random_bytes(60 + i, 65536)),
+            0,
+            "write {i}"
+        );
+        // A sender pacing itself: gaps well under the limit.
+        std::thread::sleep(Duration::from_millis(400));
+    }
+    let mut b = Sender::connect(l.srv.addr());
+    let got = b.read_to_close().expect("second sender closed");
+    assert!(got.is_empty(), "the slot is still held by the paced sender");
+    assert_eq!(a.write(9, 0, &random_bytes(66, 4096)), 0, "last write");
+    let quiet_from = Instant::now();
+    let rest = a.read_to_close().expect("quiet sender closed");
+    let waited = quiet_from.elapsed();
+    assert!(
+        rest.is_empty(),
+        "{} bytes sent to the quiet sender",
+        rest.len()
+    );
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(10),
+        "dropped after {waited:?}"
+    );
+    l.wait_no_clients();
+    assert!(
+        l.srv.log_count("idle limit") >= 1,
+        "log:\n{}",
+        l.srv.stderr()
+    );
+    l.assert_stays_waiting(Duration::from_secs(1));
+    l.real_migration_completes(27);
+}
+
 /// Expected (as with the C flexnbd): a sender that wrote data and then sends a
 /// clean DISC hands the image over even if it skipped part of it; the
 /// listener says so in its log. It takes control: has_control=true, marker

@@ -21,6 +21,8 @@ use std::time::Duration;
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long clients get to disconnect by themselves after ESHUTDOWN.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
+/// Default for [`migration_idle`].
+const MIGRATION_IDLE: Duration = Duration::from_secs(120);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -42,16 +44,34 @@ enum Event {
     HandedOver,
 }
 
-/// The per-request timeout of a migration: `FLEXNBD_MS_REQUEST_LIMIT_SECS`
-/// (fractions allowed), 60 s by default.
-fn request_timeout() -> anyhow::Result<Duration> {
-    match std::env::var("FLEXNBD_MS_REQUEST_LIMIT_SECS") {
-        Err(_) => Ok(crate::mirror::REQUEST_TIMEOUT),
+/// A duration in seconds (fractions allowed) from the environment variable
+/// `name`, or `default` when it is not set.
+fn env_secs(name: &str, default: Duration) -> anyhow::Result<Duration> {
+    match std::env::var(name) {
+        Err(_) => Ok(default),
         Ok(v) => match v.trim().parse::<f64>() {
             Ok(s) if s.is_finite() && s > 0.0 && s < 1e9 => Ok(Duration::from_secs_f64(s)),
-            _ => bail!("FLEXNBD_MS_REQUEST_LIMIT_SECS: not a positive number of seconds: {v:?}"),
+            _ => bail!("{name}: not a positive number of seconds: {v:?}"),
         },
     }
+}
+
+/// The per-request timeout of a migration: `FLEXNBD_MS_REQUEST_LIMIT_SECS`,
+/// 60 s by default.
+fn request_timeout() -> anyhow::Result<Duration> {
+    env_secs(
+        "FLEXNBD_MS_REQUEST_LIMIT_SECS",
+        crate::mirror::REQUEST_TIMEOUT,
+    )
+}
+
+/// How long a listener waits for the next request of an incoming migration
+/// before dropping it: `FLEXNBD_MIGRATION_IDLE_SECS`, 120 s by default. Long
+/// enough for a sender pacing itself under a speed limit (4 KiB pieces keep
+/// coming within that time at any limit over 35 bytes/s), short enough that a
+/// hung sender frees the slot for one that retries.
+fn migration_idle() -> anyhow::Result<Duration> {
+    env_secs("FLEXNBD_MIGRATION_IDLE_SECS", MIGRATION_IDLE)
 }
 
 /// `FILE.INCOMPLETE`, present while a listener has not received a whole migration.
@@ -143,6 +163,7 @@ fn endpoints(opts: &ServeOpts) -> anyhow::Result<Vec<Endpoint>> {
 pub fn run(mode: Mode, opts: &ServeOpts, rebind: Option<Rebind>) -> anyhow::Result<i32> {
     let eps = endpoints(opts)?;
     let request_timeout = request_timeout()?;
+    let migration_idle = migration_idle()?;
     let acl = Acl::parse(&opts.acl, opts.default_deny)?;
     if !opts.file.exists() {
         bail!("{}: file does not exist", opts.file.display());
@@ -154,6 +175,7 @@ pub fn run(mode: Mode, opts: &ServeOpts, rebind: Option<Rebind>) -> anyhow::Resu
         export.clone(),
         Config {
             oldstyle: opts.oldstyle,
+            migration_idle: Some(migration_idle),
         },
         acl,
     );

@@ -36,6 +36,9 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(120);
 pub struct Config {
     /// Send the old-style greeting instead of fixed newstyle.
     pub oldstyle: bool,
+    /// An incoming migration that sends nothing for this long is dropped, so a
+    /// hung sender cannot hold the one migration slot for ever.
+    pub migration_idle: Option<Duration>,
 }
 
 /// How a session ended, as the end hook sees it.
@@ -296,7 +299,12 @@ impl Server {
                 return ended(End::Error(e.to_string()), size);
             }
         };
-        let _ = conn.set_read_timeout(None);
+        let idle = if migration {
+            self.config.migration_idle
+        } else {
+            None
+        };
+        let _ = conn.set_read_timeout(idle);
         debug!("{name}: negotiated {neg:?}");
         let session = match Session::new(self.export.clone(), conn, neg, name.clone(), migration) {
             Ok(s) => s,

@@ -15,10 +15,22 @@ const FILL_MAX: usize = 64 * 1024;
 pub enum ReadError {
     #[error("client closed the connection")]
     Eof,
+    #[error("nothing received from the client within the idle limit")]
+    Idle,
     #[error("{0}")]
     Proto(#[from] ProtoError),
     #[error("I/O error: {0}")]
     Io(#[from] io::Error),
+}
+
+impl ReadError {
+    fn from_io(e: io::Error) -> ReadError {
+        match e.kind() {
+            io::ErrorKind::ConnectionReset => ReadError::Eof,
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => ReadError::Idle,
+            _ => ReadError::Io(e),
+        }
+    }
 }
 
 /// Reads requests through a buffer so that one `recv` serves many small requests.
@@ -62,8 +74,7 @@ impl Reader {
                     return Ok(());
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return Err(ReadError::Eof),
-                Err(e) => return Err(e.into()),
+                Err(e) => return Err(ReadError::from_io(e)),
             }
         }
     }
@@ -114,8 +125,7 @@ impl Reader {
                 Ok(0) => return Err(ReadError::Eof),
                 Ok(n) => done += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return Err(ReadError::Eof),
-                Err(e) => return Err(e.into()),
+                Err(e) => return Err(ReadError::from_io(e)),
             }
         }
         Ok(())
