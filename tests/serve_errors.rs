@@ -1,6 +1,6 @@
-//! Error replies of `flexnbd serve` as libnbd sees them: each refused request
-//! gets the exact errno, the image is untouched, and the same connection keeps
-//! working afterwards.
+//! Error replies of `flexnbd serve` as libnbd sees them, through scripts run
+//! in nbdsh: each refused request gets the exact errno, the image is
+//! untouched, and the same connection keeps working afterwards.
 //!
 //! libnbd runs with `set_strict_mode(0)` so that bad requests reach the server;
 //! a failure counts only if libnbd says "command failed" (a server reply).
@@ -52,7 +52,7 @@ out(res)
 "#,
         sr = if structured { "True" } else { "False" },
     );
-    let r = python_json(
+    let r = nbdsh_json(
         &script,
         &[srv.uri(), img.display().to_string()],
         TOOL_TIMEOUT,

@@ -463,8 +463,41 @@ pub fn python(script: &str, args: &[String], timeout: Duration) -> CmdOutput {
 /// Runs a script that must exit 0 and whose last stdout line is JSON.
 #[track_caller]
 pub fn python_json(script: &str, args: &[String], timeout: Duration) -> serde_json::Value {
-    let out = python(script, args, timeout);
-    out.expect_success("python script");
+    last_line_json(&python(script, args, timeout))
+}
+
+/// Runs a script (with [`PY_PRELUDE`]) in `nbdsh`, libnbd's own shell, under
+/// a time limit; `-n`: the script makes its handles itself. `args` become
+/// `sys.argv[1:]`. nbdsh runs the first `python3` on PATH, so Debian's (the
+/// one with the nbd module) is put first.
+#[track_caller]
+pub fn nbdsh(script: &str, args: &[String], timeout: Duration) -> CmdOutput {
+    require_python_nbd();
+    let nbdsh = require_tool("nbdsh");
+    let full = format!(
+        "{PY_PRELUDE}\nsys.argv = ['nbdsh'] + json.loads(os.environ['FLEXNBD_TEST_ARGV'])\n{script}"
+    );
+    let path = format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default());
+    run(
+        Command::new(nbdsh)
+            .arg("-n")
+            .arg("-c")
+            .arg(full)
+            .env("PATH", path)
+            .env("FLEXNBD_TEST_ARGV", serde_json::to_string(args).unwrap()),
+        timeout,
+    )
+}
+
+/// Runs an [`nbdsh`] script that must exit 0 and whose last stdout line is JSON.
+#[track_caller]
+pub fn nbdsh_json(script: &str, args: &[String], timeout: Duration) -> serde_json::Value {
+    last_line_json(&nbdsh(script, args, timeout))
+}
+
+#[track_caller]
+fn last_line_json(out: &CmdOutput) -> serde_json::Value {
+    out.expect_success("script");
     let text = out.stdout_str();
     let last = text.lines().last().unwrap_or("");
     serde_json::from_str(last).unwrap_or_else(|e| panic!("script output is not JSON ({e}): {text}"))
