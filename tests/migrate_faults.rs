@@ -967,9 +967,9 @@ fn mirror_into_an_oldstyle_destination_sends_holes_as_data() {
 ///
 /// Expected: the attempt fails and is retried; the second completes; the
 /// source exits 0; the writer kept getting acknowledgements through the
-/// fault and retry, saw no failure before the final hand-over, only
-/// ESHUTDOWN / the disconnection at the very end, none succeeding after the
-/// first; the destination's image equals the source's final file and holds
+/// fault and retry, saw no failure before the final hand-over and no error
+/// reply at all (only the writes in flight when the connection was dropped at
+/// the very end failed), none succeeding after the first; the destination's image equals the source's final file and holds
 /// every acknowledged write.
 fn load_with_destination_fault(fault: Fault, trip_when_active: bool) {
     let size = 64 * MIB;
@@ -1191,4 +1191,64 @@ fn break_during_a_hung_handover() {
     assert_eq!(st["clients_allowed"], "true", "{st:?}");
     assert!(!fake.records()[0].disc);
     client_write_read(src.addr(), MIB, 62);
+}
+
+/// Expected: a client request that arrives while the hand-over holds
+/// requests back (here: while the destination takes 1.5 s over the final
+/// FLUSH) is never answered and never executed: once the hand-over completes
+/// the client's connection is closed with nothing sent for it (no ESHUTDOWN
+/// or other error reply, which a VM would see as an I/O error; a reconnecting
+/// client retries it against the new server). A write acknowledged before
+/// the hand-over is in the destination's image; the held write is neither in
+/// it nor in the source's file.
+#[test]
+fn requests_held_at_the_handover_get_no_reply() {
+    let size = 4 * MIB;
+    let dir = tempdir();
+    let file = dir.path().join("src.img");
+    create_random_file(&file, size, 63);
+    let original = read_file(&file);
+    let mut src = Daemon::serve(&file, &dir.path().join("src.sock")).start();
+    let fake = FakeDest::start(DestConfig::newstyle(size).faults(&[Fault::SlowFlush(1500)]));
+    let mut held = Raw::simple(src.addr());
+    let acked = random_bytes(64, 4096);
+    assert_eq!(held.write(1, 0, &acked), 0, "write before the migration");
+    mirror_cmd(src.ctl(), fake.addr, &[]).expect_success("mirror");
+    assert!(
+        fake.wait_for(Duration::from_secs(30), |c| c
+            .first()
+            .is_some_and(|r| r.flushes == 1)),
+        "hand-over never flushed: {:?}",
+        fake.records()
+    );
+    // The gate is closed while the destination sits on the FLUSH.
+    held.req(CMD_WRITE, 0, 2, 8192, 4096);
+    held.send(&random_bytes(65, 4096));
+    held.req(CMD_READ, 0, 3, 0, 4096);
+    let got = held.expect_closed();
+    assert!(
+        got.is_empty(),
+        "held requests were answered at the hand-over: {:02x?}",
+        &got[..got.len().min(32)]
+    );
+    let st = src.wait_exit(Duration::from_secs(30));
+    assert_eq!(st.and_then(|s| s.code()), Some(0), "{}", src.stderr());
+    let data = fake
+        .wait_completed(Duration::from_secs(10))
+        .expect("destination got the whole image and DISC");
+    assert_bytes_eq(
+        &data[..4096],
+        &acked,
+        "acknowledged write at the destination",
+    );
+    assert_bytes_eq(
+        &data[4096..],
+        &original[4096..],
+        "rest of the image at the destination (held write not applied)",
+    );
+    assert_bytes_eq(
+        &read_file_at(&file, 8192, 4096),
+        &original[8192..8192 + 4096],
+        "held write not applied at the source",
+    );
 }

@@ -292,14 +292,25 @@ pub fn run(mode: Mode, opts: &ServeOpts, rebind: Option<Rebind>) -> anyhow::Resu
         }
     }
     server.begin_shutdown();
-    // Requests from now on get ESHUTDOWN (after a hand-over, also those held
-    // back during it), upon which clients disconnect; requests already
-    // executing finish. Then the remaining connections are closed.
-    export.gate().shut();
-    if server.num_clients() > 0 {
-        server.wait_idle(SHUTDOWN_GRACE);
+    if handed_over {
+        // The destination owns the image now. Requests held back during the
+        // hand-over were never executed here: the connections are closed
+        // without answering them, so clients see a dropped connection, which
+        // a reconnecting client (qemu with reconnect-delay, the kernel with a
+        // dead-connection timeout) retries against the new server, instead
+        // of an I/O error passed up to the VM.
+        server.cut_all();
+        export.gate().shut();
+    } else {
+        // Requests from now on get ESHUTDOWN, upon which clients disconnect;
+        // requests already executing finish. Then the remaining connections
+        // are closed.
+        export.gate().shut();
+        if server.num_clients() > 0 {
+            server.wait_idle(SHUTDOWN_GRACE);
+        }
+        server.disconnect_all();
     }
-    server.disconnect_all();
     if !server.wait_idle(DRAIN_TIMEOUT) {
         warn!("clients still connected after {DRAIN_TIMEOUT:?}; exiting anyway");
     }

@@ -179,6 +179,16 @@ impl Server {
         }
     }
 
+    /// Closes every connection in both directions at once: requests not yet
+    /// answered never will be, so their clients see the connection drop (as
+    /// after a network failure) rather than an error reply.
+    pub fn cut_all(&self) {
+        let clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        for c in clients.values() {
+            c.conn.shutdown(Shutdown::Both);
+        }
+    }
+
     /// Marks the server as shutting down: new connections are closed and
     /// options get ERR_SHUTDOWN.
     pub fn begin_shutdown(&self) {
@@ -315,7 +325,8 @@ impl Server {
         };
         let end = session.run();
         match &end {
-            End::Error(e) => warn!("{name}: ended: {e}"),
+            // A connection cut at shutdown or hand-over ends with an error by design.
+            End::Error(e) if !self.shutting_down.load(SeqCst) => warn!("{name}: ended: {e}"),
             e => info!("{name}: ended: {e:?}"),
         }
         ended(end, session.missing().unwrap_or(0))

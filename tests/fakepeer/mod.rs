@@ -142,6 +142,8 @@ pub enum Fault {
     CloseAtFlush,
     /// Stops reading and replying when the first FLUSH arrives.
     HangAtFlush,
+    /// Answers the first FLUSH successfully after this many milliseconds.
+    SlowFlush(u64),
     /// Serves correctly until [`FakeDest::trip`], then closes at the next request.
     CloseWhenTripped,
     /// Serves correctly until [`FakeDest::trip`], then stops reading and
@@ -632,6 +634,10 @@ impl Inner {
                             return Ok("hung at the flush".into());
                         }
                         Fault::ErrorAtFlush(e) => s.write_all(&simple_reply(*e, cookie))?,
+                        Fault::SlowFlush(ms) => {
+                            std::thread::sleep(Duration::from_millis(*ms));
+                            s.write_all(&simple_reply(0, cookie))?
+                        }
                         _ => s.write_all(&simple_reply(0, cookie))?,
                     }
                 }
