@@ -40,12 +40,6 @@ impl Pair {
     }
 }
 
-fn marker_of(file: &Path) -> PathBuf {
-    let mut p = file.as_os_str().to_owned();
-    p.push(".INCOMPLETE");
-    PathBuf::from(p)
-}
-
 /// Creates the images (source: random; destination: sparse, same size) in
 /// `dir` and starts `serve` on the source and `listen` (with `listen_args`)
 /// on the destination.

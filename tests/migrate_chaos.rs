@@ -17,12 +17,10 @@ use common::*;
 use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-const MIB: u64 = 1 << 20;
 const SIZE: u64 = 64 * MIB;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -311,10 +309,4 @@ fn one_run(seed: u64) {
     let checked = check_acknowledged_writes(&r, |b| read_file_at(&dst_file, b * 4096, 4096));
     assert!(checked > 1000, "seed {seed}: {checked} blocks checked");
     check_load_failures(&r, polled.last_allowed);
-}
-
-fn marker_of(file: &std::path::Path) -> PathBuf {
-    let mut p = file.as_os_str().to_owned();
-    p.push(".INCOMPLETE");
-    PathBuf::from(p)
 }

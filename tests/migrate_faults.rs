@@ -19,17 +19,11 @@ mod fakepeer;
 use common::*;
 use fakepeer::{DestConfig, FakeDest, Fault, Greeting, Sender};
 use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 /// Per-request timeout of every source in this file.
 const REQUEST_LIMIT: &str = "1";
-
-fn marker_of(file: &Path) -> PathBuf {
-    let mut p = file.as_os_str().to_owned();
-    p.push(".INCOMPLETE");
-    PathBuf::from(p)
-}
 
 /// A real source serving a random image of `size` bytes.
 struct Source {

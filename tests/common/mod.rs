@@ -1540,6 +1540,13 @@ impl Drop for Background {
     }
 }
 
+/// `FILE.INCOMPLETE`: the marker a listener keeps until a migration arrives.
+pub fn marker_of(file: &Path) -> PathBuf {
+    let mut p = file.as_os_str().to_owned();
+    p.push(".INCOMPLETE");
+    PathBuf::from(p)
+}
+
 /// Whether a TCP connection to `addr` is accepted within a second.
 pub fn accepts(addr: SocketAddr) -> bool {
     TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok()
