@@ -383,7 +383,7 @@ fn destination_hangs_before_the_greeting_on_reconnect() {
 /// ("refused a write" in the log) and is retried; completes.
 #[test]
 fn destination_replies_eio_to_a_write() {
-    let recs = retry_scenario(&[Fault::ErrorAtWrite(2, fakepeer::EIO)], "refused a write");
+    let recs = retry_scenario(&[Fault::ErrorAtWrite(2, EIO)], "refused a write");
     assert_eq!(recs.len(), 2);
 }
 
@@ -400,7 +400,7 @@ fn destination_replies_with_a_wrong_handle() {
 /// retried from scratch and completes; the failed connection never got a DISC.
 #[test]
 fn destination_fails_the_final_flush() {
-    let recs = retry_scenario(&[Fault::ErrorAtFlush(fakepeer::EIO)], "retrying");
+    let recs = retry_scenario(&[Fault::ErrorAtFlush(EIO)], "retrying");
     assert_eq!(recs.len(), 2);
     assert_eq!(recs[0].flushes, 1);
     assert!(
@@ -659,13 +659,7 @@ fn sender_closes_mid_write() {
     let (mut s, size, _) = Sender::handshake(l.srv.addr());
     assert_eq!(size, LSIZE);
     s.write_all_pipelined(&random_bytes(12, (LSIZE - 64 * KIB) as usize), 256 * 1024);
-    s.send(&fakepeer::request(
-        fakepeer::CMD_WRITE,
-        0,
-        77,
-        LSIZE - 64 * KIB,
-        64 * 1024,
-    ));
+    s.send(&request(CMD_WRITE, 0, 77, LSIZE - 64 * KIB, 64 * 1024));
     s.send(&random_bytes(13, 32 * 1024));
     drop(s);
     l.wait_no_clients();
@@ -680,7 +674,7 @@ fn sender_closes_mid_read() {
     let mut l = listener(LSIZE, &[]);
     let (mut s, _, _) = Sender::handshake(l.srv.addr());
     assert_eq!(s.write(1, 0, &random_bytes(15, 4096)), 0);
-    s.req(fakepeer::CMD_READ, 2, 0, MIB as u32);
+    s.req(CMD_READ, 2, 0, MIB as u32);
     let mut part = [0u8; 100];
     std::io::Read::read_exact(&mut s.s, &mut part).expect("start of the read reply");
     drop(s);
@@ -696,11 +690,8 @@ fn sender_closes_mid_read() {
 fn sender_writes_out_of_range() {
     let mut l = listener(LSIZE, &[]);
     let (mut s, _, _) = Sender::handshake(l.srv.addr());
-    assert_eq!(
-        s.write(1, LSIZE - 4096, &random_bytes(17, 8192)),
-        fakepeer::ENOSPC
-    );
-    assert_eq!(s.write(2, LSIZE, &random_bytes(18, 4096)), fakepeer::ENOSPC);
+    assert_eq!(s.write(1, LSIZE - 4096, &random_bytes(17, 8192)), ENOSPC);
+    assert_eq!(s.write(2, LSIZE, &random_bytes(18, 4096)), ENOSPC);
     assert_eq!(
         s.write(3, 0, &random_bytes(19, 4096)),
         0,
@@ -747,7 +738,7 @@ fn second_sender_is_closed_and_first_unaffected() {
         0,
         "first sender after the second was refused"
     );
-    a.req(fakepeer::CMD_READ, 3, MIB, d2.len() as u32);
+    a.req(CMD_READ, 3, MIB, d2.len() as u32);
     let (e, c) = a.reply();
     assert_eq!((e, c), (0, 3));
     assert_bytes_eq(
@@ -909,7 +900,7 @@ fn oldstyle_listener_takes_a_c_style_migration() {
     // Now an ordinary old-style server.
     let mut c = Sender::connect(l.srv.addr());
     assert!(matches!(c.greeting(), Greeting::Oldstyle { .. }));
-    c.req(fakepeer::CMD_READ, 9, size - 4096, 4096);
+    c.req(CMD_READ, 9, size - 4096, 4096);
     assert_eq!(c.reply(), (0, 9));
     assert_bytes_eq(&c.read_exact(4096), &data[(size - 4096) as usize..], "read");
 }
@@ -1052,7 +1043,7 @@ fn load_destination_hangs_during_active_mirroring() {
 /// FLUSH; requests held during the abandoned hand-over are served, not failed.
 #[test]
 fn load_destination_fails_the_handover_flush() {
-    load_with_destination_fault(Fault::ErrorAtFlush(fakepeer::EIO), false);
+    load_with_destination_fault(Fault::ErrorAtFlush(EIO), false);
 }
 
 // ---------------------------------------------------------------- more

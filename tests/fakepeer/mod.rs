@@ -20,20 +20,13 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
-pub const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
-pub const OLDSTYLE_MAGIC: u64 = 0x0000_4202_8186_1253;
-pub const OPT_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
-pub const REQUEST_MAGIC: u32 = 0x2560_9513;
-pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
-
-pub const OPT_EXPORT_NAME: u32 = 1;
-pub const OPT_ABORT: u32 = 2;
-pub const OPT_INFO: u32 = 6;
-pub const OPT_GO: u32 = 7;
-pub const REP_ACK: u32 = 1;
-pub const REP_INFO: u32 = 3;
-pub const REP_ERR_UNSUP: u32 = 0x8000_0001;
+// The wire constants and header helpers shared with the other protocol tests.
+use crate::common::{
+    be16, be32, be64, request, CMD_DISC, CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE,
+    CMD_WRITE_ZEROES, EINVAL, ENOSPC, IHAVEOPT, NBDMAGIC, OLDSTYLE_MAGIC, OPT_ABORT,
+    OPT_EXPORT_NAME, OPT_GO, OPT_INFO, REPLY_MAGIC, REP_ACK, REP_ERR_UNSUP, REP_INFO,
+    REQUEST_MAGIC, SIMPLE_MAGIC,
+};
 
 pub const FLAG_HAS_FLAGS: u16 = 1;
 pub const FLAG_SEND_FLUSH: u16 = 4;
@@ -43,31 +36,8 @@ pub const FLAG_SEND_WRITE_ZEROES: u16 = 64;
 /// What the C flexnbd advertises (old-style): has-flags, flush, FUA.
 pub const C_FLAGS: u16 = 0x0d;
 
-pub const CMD_READ: u16 = 0;
-pub const CMD_WRITE: u16 = 1;
-pub const CMD_DISC: u16 = 2;
-pub const CMD_FLUSH: u16 = 3;
-pub const CMD_TRIM: u16 = 4;
-pub const CMD_WRITE_ZEROES: u16 = 6;
-
-pub const EIO: u32 = 5;
-pub const EINVAL: u32 = 22;
-pub const ENOSPC: u32 = 28;
-
 /// How long a fake waits for a peer's bytes before giving up on it.
 const PEER_TIMEOUT: Duration = Duration::from_secs(120);
-
-fn be16(b: &[u8], at: usize) -> u16 {
-    u16::from_be_bytes([b[at], b[at + 1]])
-}
-
-fn be32(b: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes(b[at..at + 4].try_into().unwrap())
-}
-
-fn be64(b: &[u8], at: usize) -> u64 {
-    u64::from_be_bytes(b[at..at + 8].try_into().unwrap())
-}
 
 /// The 152-byte old-style greeting.
 pub fn oldstyle_greeting(size: u64, flags: u32) -> Vec<u8> {
@@ -80,21 +50,9 @@ pub fn oldstyle_greeting(size: u64, flags: u32) -> Vec<u8> {
     g
 }
 
-/// A request header.
-pub fn request(cmd: u16, flags: u16, cookie: u64, offset: u64, length: u32) -> [u8; 28] {
-    let mut b = [0u8; 28];
-    b[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
-    b[4..6].copy_from_slice(&flags.to_be_bytes());
-    b[6..8].copy_from_slice(&cmd.to_be_bytes());
-    b[8..16].copy_from_slice(&cookie.to_be_bytes());
-    b[16..24].copy_from_slice(&offset.to_be_bytes());
-    b[24..28].copy_from_slice(&length.to_be_bytes());
-    b
-}
-
 fn simple_reply(error: u32, cookie: u64) -> [u8; 16] {
     let mut b = [0u8; 16];
-    b[0..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+    b[0..4].copy_from_slice(&SIMPLE_MAGIC.to_be_bytes());
     b[4..8].copy_from_slice(&error.to_be_bytes());
     b[8..16].copy_from_slice(&cookie.to_be_bytes());
     b
@@ -102,7 +60,7 @@ fn simple_reply(error: u32, cookie: u64) -> [u8; 16] {
 
 fn opt_reply(opt: u32, kind: u32, data: &[u8]) -> Vec<u8> {
     let mut b = Vec::with_capacity(20 + data.len());
-    b.extend_from_slice(&OPT_REPLY_MAGIC.to_be_bytes());
+    b.extend_from_slice(&REPLY_MAGIC.to_be_bytes());
     b.extend_from_slice(&opt.to_be_bytes());
     b.extend_from_slice(&kind.to_be_bytes());
     b.extend_from_slice(&(data.len() as u32).to_be_bytes());
@@ -757,7 +715,7 @@ impl Sender {
         let mut export = None;
         loop {
             let h = c.read_exact(20);
-            assert_eq!(be64(&h, 0), OPT_REPLY_MAGIC);
+            assert_eq!(be64(&h, 0), REPLY_MAGIC);
             let kind = be32(&h, 12);
             let data = c.read_exact(be32(&h, 16) as usize);
             match kind {
@@ -778,7 +736,7 @@ impl Sender {
     /// Reads a simple reply: (error, cookie).
     pub fn reply(&mut self) -> (u32, u64) {
         let r = self.read_exact(16);
-        assert_eq!(be32(&r, 0), SIMPLE_REPLY_MAGIC, "simple reply magic");
+        assert_eq!(be32(&r, 0), SIMPLE_MAGIC, "simple reply magic");
         (be32(&r, 4), be64(&r, 8))
     }
 
