@@ -1,7 +1,7 @@
 //! The served image: storage plus the request gate (pause/drain), flush
 //! bookkeeping and the hook through which a migration sees every change.
 
-use crate::storage::{Extent, Storage, ZeroError, ZeroMode};
+use crate::storage::{Extent, OpenError, Storage, ZeroError, ZeroMode};
 use std::io;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
@@ -47,7 +47,8 @@ pub struct Export {
 }
 
 impl Export {
-    pub fn open(path: &Path, read_only: bool) -> io::Result<Export> {
+    /// Opens the image and takes its lock (see [`Storage::open`]).
+    pub fn open(path: &Path, read_only: bool) -> Result<Export, OpenError> {
         Ok(Export::new(Storage::open(path, read_only)?, read_only))
     }
 

@@ -120,3 +120,53 @@ pub fn send_more(sock: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
     };
     cvt(r as libc::c_long).map(|n| n as usize)
 }
+
+/// An open-file-description lock on a byte range: shared or exclusive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockKind {
+    Shared,
+    Exclusive,
+}
+
+fn lock_range(kind: LockKind, start: u64, len: u64) -> libc::flock {
+    libc::flock {
+        l_type: match kind {
+            LockKind::Shared => libc::F_RDLCK as libc::c_short,
+            LockKind::Exclusive => libc::F_WRLCK as libc::c_short,
+        },
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: start as libc::off_t,
+        l_len: len as libc::off_t,
+        // Must be 0 for OFD locks.
+        l_pid: 0,
+    }
+}
+
+/// `fcntl(F_OFD_SETLK)` on `len` bytes at `start`, without waiting. Fails with
+/// `EAGAIN`/`EACCES` when another description holds a conflicting lock. The
+/// lock lasts as long as the file description (every dup of `fd`).
+pub fn ofd_lock(fd: BorrowedFd<'_>, kind: LockKind, start: u64, len: u64) -> io::Result<()> {
+    let fl = lock_range(kind, start, len);
+    // SAFETY: `fl` is a valid, initialised flock that lives across the call.
+    let r = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
+    cvt(r as libc::c_long).map(|_| ())
+}
+
+/// Releases this description's locks on `len` bytes at `start`.
+pub fn ofd_unlock(fd: BorrowedFd<'_>, start: u64, len: u64) -> io::Result<()> {
+    let mut fl = lock_range(LockKind::Shared, start, len);
+    fl.l_type = libc::F_UNLCK as libc::c_short;
+    // SAFETY: `fl` is a valid, initialised flock that lives across the call.
+    let r = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
+    cvt(r as libc::c_long).map(|_| ())
+}
+
+/// `fcntl(F_OFD_GETLK)`: whether another description holds a lock on
+/// `len` bytes at `start` that would conflict with taking `kind` there.
+pub fn ofd_conflicts(fd: BorrowedFd<'_>, kind: LockKind, start: u64, len: u64) -> io::Result<bool> {
+    let mut fl = lock_range(kind, start, len);
+    // SAFETY: `fl` is a valid flock the kernel fills in; it outlives the call.
+    let r = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
+    cvt(r as libc::c_long)?;
+    Ok(i32::from(fl.l_type) != libc::F_UNLCK)
+}

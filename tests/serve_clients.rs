@@ -268,7 +268,7 @@ fn qemu_img_compare_and_qemu_io_patterns() {
     let compare = |other: &Path| {
         run(
             Command::new(&qemu_img)
-                .args(["compare", "-f", "raw", "-F", "raw", &uri])
+                .args(["compare", "-U", "-f", "raw", "-F", "raw", &uri])
                 .arg(other),
             TOOL_TIMEOUT,
         )

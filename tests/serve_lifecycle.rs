@@ -706,10 +706,13 @@ fn a_second_server_cannot_take_a_live_control_socket() {
     let ctl = dir.path().join("ctl");
     let mut first = Serve::tcp(&img).control(&ctl).start();
     let port = free_port().to_string();
+    // Another image: the image lock would refuse the same one first.
+    let other = dir.path().join("other");
+    create_sparse_file(&other, MIB);
     let out = run(
         Command::new(BIN)
             .args(["serve", "--addr", "127.0.0.1", "--port", &port, "--file"])
-            .arg(&img)
+            .arg(&other)
             .arg("--sock")
             .arg(&ctl),
         Duration::from_secs(20),
@@ -731,4 +734,140 @@ fn a_second_server_cannot_take_a_live_control_socket() {
     );
     first.stop();
     assert!(!ctl.exists());
+}
+
+/// Runs `flexnbd MODE --addr 127.0.0.1 --port FREE --file IMG EXTRA...` and
+/// expects it to be refused at start: exit 1, one line on stderr, never
+/// listening. Returns that line.
+#[track_caller]
+fn refused_start(mode: &str, img: &Path, extra: &[&str]) -> String {
+    let port = free_port();
+    let out = run(
+        Command::new(BIN)
+            .args([
+                mode,
+                "--addr",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--file",
+            ])
+            .arg(img)
+            .args(extra),
+        Duration::from_secs(20),
+    );
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = out.stderr_str();
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(!accepts(format!("127.0.0.1:{port}").parse().unwrap()));
+    err
+}
+
+/// Expected: while one `serve` has an image, a second `serve` of it (read-
+/// write or read-only) is refused at start with a message naming the first
+/// one's pid and that it is writing; the first keeps serving unharmed. Once
+/// the first has exited, the image can be served again.
+#[test]
+fn a_second_writer_of_an_image_is_refused_naming_the_holder() {
+    let dir = tempdir();
+    let img = image(dir.path(), MIB);
+    let mut first = Serve::tcp(&img).start();
+    for extra in [&[][..], &["--read-only"][..]] {
+        let err = refused_start("serve", &img, extra);
+        assert!(
+            err.contains(&format!("pid {}", first.pid())) && err.contains("is writing to it"),
+            "{err}"
+        );
+    }
+    let mut c = Raw::simple(first.addr());
+    assert_bytes_eq(
+        &c.read(1, 0, 4096),
+        &read_file_at(&img, 0, 4096),
+        "first still serves",
+    );
+    c.req(CMD_DISC, 0, 2, 0, 0);
+    first.stop();
+    let mut again = Serve::tcp(&img).start();
+    again.stop();
+}
+
+/// Expected: a `serve` of the file a `listen` is still receiving into is
+/// refused, naming the listener's pid.
+#[test]
+fn serving_a_file_a_listener_receives_into_is_refused() {
+    let dir = tempdir();
+    let img = dir.path().join("dst.img");
+    create_sparse_file(&img, MIB);
+    let l = Daemon::listen(&img, &dir.path().join("dst.sock")).start();
+    let err = refused_start("serve", &img, &[]);
+    assert!(err.contains(&format!("pid {}", l.pid())), "{err}");
+    let err = refused_start("listen", &img, &[]);
+    assert!(err.contains(&format!("pid {}", l.pid())), "{err}");
+}
+
+/// Expected: read-only servers share an image (two `serve --read-only` run
+/// side by side and both serve it), and a read-write `serve` of it is then
+/// refused, naming a shared lock.
+#[test]
+fn read_only_servers_share_an_image_and_keep_writers_out() {
+    let dir = tempdir();
+    let img = image(dir.path(), MIB);
+    let a = Serve::tcp(&img).arg("--read-only").start();
+    let b = Serve::tcp(&img).arg("--read-only").start();
+    for s in [&a, &b] {
+        let mut c = Raw::simple(s.addr());
+        assert_bytes_eq(
+            &c.read(1, 4096, 512),
+            &read_file_at(&img, 4096, 512),
+            "read-only read",
+        );
+        c.req(CMD_DISC, 0, 2, 0, 0);
+    }
+    let err = refused_start("serve", &img, &[]);
+    assert!(err.contains("does not let others write it"), "{err}");
+}
+
+/// Expected: the lock is qemu's own, so qemu tools and flexnbd see each
+/// other: `qemu-io` cannot open an image `serve` writes to for writing ("write"
+/// lock), while a read-only `qemu-io` still reads it; a `serve` of an image
+/// `qemu-nbd` serves writable is refused, naming qemu-nbd's pid.
+#[test]
+fn the_image_lock_is_the_one_qemu_takes() {
+    let qemu_io = require_tool("qemu-io");
+    let qemu_nbd = require_tool("qemu-nbd");
+    let dir = tempdir();
+    let img = image(dir.path(), MIB);
+    let mut srv = Serve::tcp(&img).start();
+    let io = |args: &[&str]| run(Command::new(&qemu_io).args(args).arg(&img), TOOL_TIMEOUT);
+    let locked = io(&["-f", "raw", "-c", "write 0 4096"]);
+    assert_ne!(locked.status.code(), Some(0), "{locked:?}");
+    assert!(
+        locked.stderr_str().contains("\"write\" lock"),
+        "{}",
+        locked.stderr_str()
+    );
+    io(&["-f", "raw", "-r", "-c", "read 0 4096"]).expect_success("read-only qemu-io");
+    assert_bytes_eq(
+        &read_file(&img),
+        &{
+            let mut c = Raw::simple(srv.addr());
+            let d = c.read(1, 0, MIB as u32);
+            c.req(CMD_DISC, 0, 2, 0, 0);
+            d
+        },
+        "image unchanged and served",
+    );
+    srv.stop();
+
+    let sock = dir.path().join("qemu.sock");
+    let mut q = Background::spawn(
+        Command::new(&qemu_nbd)
+            .args(["-f", "raw", "-k"])
+            .arg(&sock)
+            .arg(&img),
+    );
+    assert!(wait_until(Duration::from_secs(20), || sock.exists() || !q.is_running()));
+    assert!(q.is_running(), "qemu-nbd: {}", q.stderr());
+    let err = refused_start("serve", &img, &[]);
+    assert!(err.contains(&format!("pid {}", q.pid())), "{err}");
 }

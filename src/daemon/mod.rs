@@ -7,11 +7,11 @@ use crate::cli::listen::Rebind;
 use crate::cli::serve::ServeOpts;
 use crate::control::server::ControlServer;
 use crate::export::Export;
-use crate::server::{Admission, Bound, Config, End, Listener, Server};
+use crate::incoming::{self, Incoming};
+use crate::server::{Bound, Config, Listener, Server};
 use anyhow::{anyhow, bail, Context};
 use signal_hook::consts::{SIGINT, SIGQUIT, SIGTERM};
 use signal_hook::iterator::Signals;
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -21,8 +21,6 @@ use std::time::Duration;
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long clients get to disconnect by themselves after ESHUTDOWN.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
-/// Default for [`migration_idle`].
-const MIGRATION_IDLE: Duration = Duration::from_secs(120);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -65,49 +63,14 @@ fn request_timeout() -> anyhow::Result<Duration> {
     )
 }
 
-/// How long a listener waits for the next request of an incoming migration
-/// before dropping it: `FLEXNBD_MIGRATION_IDLE_SECS`, 120 s by default. Long
-/// enough for a sender pacing itself under a speed limit (4 KiB pieces keep
-/// coming within that time at any limit over 35 bytes/s), short enough that a
-/// hung sender frees the slot for one that retries.
-fn migration_idle() -> anyhow::Result<Duration> {
-    env_secs("FLEXNBD_MIGRATION_IDLE_SECS", MIGRATION_IDLE)
-}
-
-/// `FILE.INCOMPLETE`, present while a listener has not received a whole migration.
-pub fn marker_path(file: &Path) -> PathBuf {
-    let mut p = file.as_os_str().to_owned();
-    p.push(".INCOMPLETE");
-    PathBuf::from(p)
-}
-
-/// Reacts to the end of an incoming migration's session.
-fn on_migration_end(e: &crate::server::SessionEnd, tx: &mpsc::Sender<Event>) {
-    if !e.migration {
-        return;
-    }
-    match &e.end {
-        // As with the C flexnbd, a clean disconnect after the data hands the
-        // image over. A connection that wrote nothing (a probe such as nbdinfo)
-        // does not, unless the image is empty.
-        End::Disconnect if e.missing < e.size || e.size == 0 => {
-            if e.missing > 0 {
-                warn!(
-                    "the sender left {} of {} bytes unwritten; taking control as it asked",
-                    e.missing, e.size
-                );
-            }
-            info!("migration received");
-            let _ = tx.send(Event::ControlArrived);
-        }
-        End::Disconnect => {
-            warn!("a connection disconnected without writing anything; waiting for a sender")
-        }
-        End::Closed => warn!("sender went away before finishing; waiting for it to reconnect"),
-        End::Error(err) => {
-            warn!("migration connection failed ({err}); waiting for the sender to reconnect")
-        }
-    }
+/// A listener's limits on senders: `FLEXNBD_MIGRATION_IDLE_SECS` (120 s by
+/// default) for a whole request to arrive, `FLEXNBD_MIGRATION_STALE_SECS`
+/// (5 s) of silence after which a new sender replaces the current one.
+fn incoming_limits() -> anyhow::Result<incoming::Limits> {
+    Ok(incoming::Limits {
+        idle: env_secs("FLEXNBD_MIGRATION_IDLE_SECS", incoming::IDLE)?,
+        stale: env_secs("FLEXNBD_MIGRATION_STALE_SECS", incoming::STALE)?,
+    })
 }
 
 /// Binds `ep`, retrying every second until it works or a signal arrives.
@@ -163,7 +126,7 @@ fn endpoints(opts: &ServeOpts) -> anyhow::Result<Vec<Endpoint>> {
 pub fn run(mode: Mode, opts: &ServeOpts, rebind: Option<Rebind>) -> anyhow::Result<i32> {
     let eps = endpoints(opts)?;
     let request_timeout = request_timeout()?;
-    let migration_idle = migration_idle()?;
+    let limits = incoming_limits()?;
     let acl = Acl::parse(&opts.acl, opts.default_deny)?;
     if !opts.file.exists() {
         bail!("{}: file does not exist", opts.file.display());
@@ -175,7 +138,6 @@ pub fn run(mode: Mode, opts: &ServeOpts, rebind: Option<Rebind>) -> anyhow::Resu
         export.clone(),
         Config {
             oldstyle: opts.oldstyle,
-            migration_idle: Some(migration_idle),
         },
         acl,
     );
@@ -196,14 +158,21 @@ pub fn run(mode: Mode, opts: &ServeOpts, rebind: Option<Rebind>) -> anyhow::Resu
         })
         .context("cannot start the signal thread")?;
 
-    let marker = marker_path(&opts.file);
-    if mode == Mode::Listen {
-        std::fs::File::create(&marker)
-            .with_context(|| format!("cannot create {}", marker.display()))?;
-        server.set_admission(Admission::Migration);
-        let htx = tx.clone();
-        server.set_end_hook(Some(Box::new(move |e| on_migration_end(e, &htx))));
-    }
+    let incoming = match mode {
+        Mode::Serve => None,
+        Mode::Listen => {
+            let atx = std::sync::Mutex::new(tx.clone());
+            let arrived = Box::new(move || {
+                let _ = atx
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .send(Event::ControlArrived);
+            });
+            let inc = Incoming::create(&opts.file, export.size(), limits, arrived)?;
+            server.set_intake(Some(inc.clone()));
+            Some(inc)
+        }
+    };
 
     let mut bound = Vec::new();
     for ep in &eps {
@@ -241,10 +210,12 @@ pub fn run(mode: Mode, opts: &ServeOpts, rebind: Option<Rebind>) -> anyhow::Resu
                 if daemon.has_control.load(SeqCst) {
                     break 0;
                 }
-                warn!(
-                    "stopped before a migration arrived; {} stays",
-                    marker.display()
-                );
+                if let Some(inc) = &incoming {
+                    warn!(
+                        "stopped before a migration arrived; {} stays",
+                        inc.marker().display()
+                    );
+                }
                 break 1;
             }
             Ok(Event::HandedOver) => {
@@ -256,11 +227,12 @@ pub fn run(mode: Mode, opts: &ServeOpts, rebind: Option<Rebind>) -> anyhow::Resu
                     error!("cannot make the received image durable: {e}");
                     break 1;
                 }
-                if let Err(e) = std::fs::remove_file(&marker) {
-                    warn!("cannot remove {}: {e}", marker.display());
+                if let Some(inc) = &incoming {
+                    if let Err(e) = inc.remove_marker() {
+                        warn!("cannot remove {}: {e}", inc.marker().display());
+                    }
                 }
-                server.set_end_hook(None);
-                server.set_admission(Admission::Clients);
+                server.set_intake(None);
                 daemon.has_control.store(true, SeqCst);
                 daemon.clients_allowed.store(true, SeqCst);
                 info!("took control of the image");

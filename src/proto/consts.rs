@@ -88,6 +88,12 @@ pub const CMD_CACHE: u16 = 5;
 pub const CMD_WRITE_ZEROES: u16 = 6;
 pub const CMD_BLOCK_STATUS: u16 = 7;
 
+/// The 32-bit type field of ENTRUST, the request with which the listen-era C
+/// flexnbd ends a migration (offset 0, length 0) before its DISC. Split as
+/// 16-bit flags and type it reads as a READ with FUA, which is how later C
+/// versions (and any newstyle server) answer it: success, no data.
+pub const ENTRUST_TYPE: u32 = 0x0001_0000;
+
 // Command flags.
 pub const CMD_FLAG_FUA: u16 = 1 << 0;
 pub const CMD_FLAG_NO_HOLE: u16 = 1 << 1;

@@ -93,6 +93,19 @@ impl Request {
         }
     }
 
+    /// An ENTRUST request ([`ENTRUST_TYPE`]): the listen-era C hand-over.
+    pub fn entrust(cookie: u64) -> Self {
+        let [flags, code] = [(ENTRUST_TYPE >> 16) as u16, ENTRUST_TYPE as u16];
+        Request::new(Command::from_code(code), flags, cookie, 0, 0)
+    }
+
+    /// Whether this header is an ENTRUST (the same bits as a zero-length READ
+    /// with FUA at offset 0).
+    pub fn is_entrust(&self) -> bool {
+        let field = (u32::from(self.flags) << 16) | u32::from(self.command.code());
+        field == ENTRUST_TYPE && self.offset == 0 && self.length == 0
+    }
+
     /// Decodes a request header. A wrong magic is fatal for the stream.
     pub fn decode(buf: &[u8]) -> Result<Option<(Request, usize)>, ProtoError> {
         if buf.len() < REQUEST_LEN {
@@ -164,6 +177,20 @@ mod tests {
         let r = Request::new(Command::Unknown(99), 0, 1, 0, 0).encode();
         let (d, _) = Request::decode(&r).unwrap().unwrap();
         assert_eq!(d.command, Command::Unknown(99));
+    }
+
+    #[test]
+    fn entrust_is_a_zero_length_fua_read_on_the_wire() {
+        let b = Request::entrust(9).encode();
+        assert_eq!(be_u32(&b, 4), ENTRUST_TYPE);
+        let (d, _) = Request::decode(&b).unwrap().unwrap();
+        assert!(d.is_entrust());
+        assert_eq!(
+            (d.command, d.flags, d.length),
+            (Command::Read, CMD_FLAG_FUA, 0)
+        );
+        assert!(!Request::new(Command::Read, CMD_FLAG_FUA, 9, 0, 1).is_entrust());
+        assert!(!Request::new(Command::Read, 0, 9, 0, 0).is_entrust());
     }
 
     proptest! {

@@ -131,6 +131,10 @@ impl Session {
             };
             let (off, len) = (req.offset, req.length as u64);
             match op {
+                Op::Read { .. } if req.is_entrust() && !self.neg.structured => {
+                    self.entrusted();
+                    self.reply_ok(w, cookie)?;
+                }
                 Op::Read { df } => self.read(w, req, df)?,
                 Op::Write { fua } => {
                     let data = &w.payload[item.at..item.at + req.length as usize];
@@ -143,7 +147,13 @@ impl Session {
                     self.reply(w, cookie, r)?;
                 }
                 Op::Flush => self.reply(w, cookie, ex.flush())?,
-                Op::Trim { fua } => self.reply(w, cookie, ex.trim(off, len, fua))?,
+                Op::Trim { fua } => {
+                    let r = ex.trim(off, len, fua);
+                    if r.is_ok() {
+                        self.covered(off, len);
+                    }
+                    self.reply(w, cookie, r)?;
+                }
                 Op::Zero { no_hole, fast, fua } => {
                     let r = ex.write_zeroes(off, len, no_hole, fast, fua);
                     if r.is_ok() {

@@ -5,6 +5,7 @@ pub mod conn;
 pub mod coverage;
 mod exec;
 pub mod handshake;
+pub mod intake;
 pub mod listener;
 mod out;
 mod reader;
@@ -13,6 +14,7 @@ pub mod validate;
 mod zerocopy;
 
 pub use conn::Conn;
+pub use intake::{Admit, Intake, SenderTrack, SessionEnd};
 pub use listener::{Bound, Listener};
 pub use session::End;
 
@@ -30,39 +32,14 @@ use std::time::{Duration, Instant};
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// A client that stops reading replies for this long is dropped.
 const SEND_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a new sender waits for the silent one it replaces to finish.
+const REPLACE_WAIT: Duration = Duration::from_secs(30);
 
 /// Server-wide settings.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Config {
     /// Send the old-style greeting instead of fixed newstyle.
     pub oldstyle: bool,
-    /// An incoming migration that sends nothing for this long is dropped, so a
-    /// hung sender cannot hold the one migration slot for ever.
-    pub migration_idle: Option<Duration>,
-}
-
-/// How a session ended, as the end hook sees it.
-#[derive(Debug, Clone)]
-pub struct SessionEnd {
-    pub end: End,
-    /// The session was an incoming migration.
-    pub migration: bool,
-    /// Bytes of the image an incoming migration never wrote.
-    pub missing: u64,
-    /// Size of the image.
-    pub size: u64,
-}
-
-/// Called when a session ends.
-pub type EndHook = Box<dyn Fn(&SessionEnd) + Send + Sync>;
-
-/// Who may connect.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Admission {
-    /// Ordinary clients, any number.
-    Clients,
-    /// One incoming migration at a time; nobody else.
-    Migration,
 }
 
 struct Client {
@@ -79,8 +56,9 @@ pub struct Server {
     clients_changed: Condvar,
     next_id: AtomicU64,
     shutting_down: AtomicBool,
-    end_hook: RwLock<Option<EndHook>>,
-    admission: Mutex<(Admission, Option<u64>)>,
+    /// Who decides admissions while a migration is awaited; `None`: everyone
+    /// the ACL allows is a client.
+    intake: RwLock<Option<Arc<dyn Intake>>>,
 }
 
 impl Server {
@@ -93,38 +71,20 @@ impl Server {
             clients_changed: Condvar::new(),
             next_id: AtomicU64::new(1),
             shutting_down: AtomicBool::new(false),
-            end_hook: RwLock::new(None),
-            admission: Mutex::new((Admission::Clients, None)),
+            intake: RwLock::new(None),
         })
     }
 
-    /// Sets who may connect from now on.
-    pub fn set_admission(&self, a: Admission) {
-        self.admission.lock().unwrap_or_else(|p| p.into_inner()).0 = a;
+    /// Installs (or, with `None`, removes) the hook that decides admissions.
+    pub fn set_intake(&self, intake: Option<Arc<dyn Intake>>) {
+        *self.intake.write().unwrap_or_else(|p| p.into_inner()) = intake;
     }
 
-    pub fn admission(&self) -> Admission {
-        self.admission.lock().unwrap_or_else(|p| p.into_inner()).0
-    }
-
-    /// Admits a connection: `Some(is_migration)`, or `None` to refuse it.
-    fn admit(&self, id: u64) -> Option<bool> {
-        let mut a = self.admission.lock().unwrap_or_else(|p| p.into_inner());
-        match *a {
-            (Admission::Clients, _) => Some(false),
-            (Admission::Migration, Some(_)) => None,
-            (Admission::Migration, None) => {
-                a.1 = Some(id);
-                Some(true)
-            }
-        }
-    }
-
-    fn release_sender(&self, id: u64) {
-        let mut a = self.admission.lock().unwrap_or_else(|p| p.into_inner());
-        if a.1 == Some(id) {
-            a.1 = None;
-        }
+    fn intake(&self) -> Option<Arc<dyn Intake>> {
+        self.intake
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub fn export(&self) -> &Arc<Export> {
@@ -164,11 +124,6 @@ impl Server {
 
     pub fn num_clients(&self) -> usize {
         self.clients.lock().unwrap_or_else(|p| p.into_inner()).len()
-    }
-
-    /// Installs a hook run when each session ends.
-    pub fn set_end_hook(&self, hook: Option<EndHook>) {
-        *self.end_hook.write().unwrap_or_else(|p| p.into_inner()) = hook;
     }
 
     /// Stops every client from sending further requests; in-flight ones are answered.
@@ -228,21 +183,37 @@ impl Server {
             return;
         }
         if let Conn::Tcp(s) = &conn {
-            tune_tcp(s);
+            crate::net::tune_client_tcp(s);
         }
         let id = self.next_id.fetch_add(1, SeqCst);
-        let Some(migration) = self.admit(id) else {
+        let intake = self.intake();
+        let (sender, replaces) = match intake.as_ref().map(|i| i.admit(id)) {
+            None | Some(Admit::Client) => (None, None),
+            Some(Admit::Sender { track, replaces }) => (Some(track), replaces),
+            Some(Admit::Refuse(why)) => {
+                info!("refused connection from {}: {why}", conn.peer_name());
+                conn.shutdown(Shutdown::Both);
+                return;
+            }
+        };
+        if let Some(old) = replaces {
             info!(
-                "refused connection from {}: a migration is already arriving",
+                "client-{old}: silent incoming migration replaced by a new sender from {}",
                 conn.peer_name()
             );
-            conn.shutdown(Shutdown::Both);
-            return;
-        };
+            self.cut(old);
+        }
         let clone = match conn.try_clone() {
             Ok(c) => c,
             Err(e) => {
                 warn!("cannot take connection: {e}");
+                if let Some(i) = &intake {
+                    i.ended(&SessionEnd {
+                        id,
+                        end: End::Error(e.to_string()),
+                        sender,
+                    });
+                }
                 return;
             }
         };
@@ -251,26 +222,61 @@ impl Server {
             .unwrap_or_else(|p| p.into_inner())
             .insert(id, Client { peer, conn: clone });
         let me = self.clone();
+        let i2 = intake.clone();
+        let s2 = sender.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("client-{id}"))
             .spawn(move || {
-                let end = me.serve_client(id, conn, migration);
-                me.release_sender(id);
-                if let Some(h) = me
-                    .end_hook
-                    .read()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .as_ref()
-                {
-                    h(&end);
+                if let Some(old) = replaces {
+                    me.wait_gone(old, REPLACE_WAIT);
+                }
+                let end = me.serve_client(id, conn, s2.clone());
+                if let Some(i) = &i2 {
+                    i.ended(&SessionEnd {
+                        id,
+                        end,
+                        sender: s2,
+                    });
                 }
                 me.forget(id);
             });
         if let Err(e) = spawned {
             warn!("cannot start a client thread: {e}");
-            self.release_sender(id);
+            if let Some(i) = &intake {
+                i.ended(&SessionEnd {
+                    id,
+                    end: End::Error(e.to_string()),
+                    sender,
+                });
+            }
             self.forget(id);
         }
+    }
+
+    /// Closes connection `id` in both directions.
+    fn cut(&self, id: u64) {
+        let clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = clients.get(&id) {
+            c.conn.shutdown(Shutdown::Both);
+        }
+    }
+
+    /// Waits (up to `timeout`) until session `id` has ended.
+    fn wait_gone(&self, id: u64, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        while clients.contains_key(&id) {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            clients = self
+                .clients_changed
+                .wait_timeout(clients, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        true
     }
 
     fn forget(&self, id: u64) {
@@ -281,16 +287,14 @@ impl Server {
         self.clients_changed.notify_all();
     }
 
-    fn serve_client(&self, id: u64, conn: Conn, migration: bool) -> SessionEnd {
+    fn serve_client(&self, id: u64, conn: Conn, sender: Option<Arc<SenderTrack>>) -> End {
         let name = format!("client-{id}");
-        let size = self.export.size();
-        let ended = |end: End, missing: u64| SessionEnd {
-            end,
-            migration,
-            missing,
-            size,
-        };
         info!("{name}: connected from {}", conn.peer_name());
+        if sender.is_some() {
+            if let Conn::Tcp(s) = &conn {
+                crate::net::tune_migration_tcp(s);
+            }
+        }
         let info = ExportInfo {
             size: self.export.size(),
             read_only: self.export.read_only(),
@@ -302,25 +306,23 @@ impl Server {
             Ok(n) => n,
             Err(HandshakeError::Closed | HandshakeError::Aborted) => {
                 info!("{name}: closed during the handshake");
-                return ended(End::Closed, size);
+                return End::Closed;
             }
             Err(e) => {
                 warn!("{name}: handshake failed: {e}");
-                return ended(End::Error(e.to_string()), size);
+                return End::Error(e.to_string());
             }
         };
-        let idle = if migration {
-            self.config.migration_idle
-        } else {
-            None
-        };
-        let _ = conn.set_read_timeout(idle);
+        let _ = conn.set_read_timeout(None);
         debug!("{name}: negotiated {neg:?}");
-        let session = match Session::new(self.export.clone(), conn, neg, name.clone(), migration) {
+        if let Some(t) = &sender {
+            t.request_arrived();
+        }
+        let session = match Session::new(self.export.clone(), conn, neg, name.clone(), sender) {
             Ok(s) => s,
             Err(e) => {
                 warn!("{name}: {e}");
-                return ended(End::Error(e.to_string()), size);
+                return End::Error(e.to_string());
             }
         };
         let end = session.run();
@@ -329,16 +331,6 @@ impl Server {
             End::Error(e) if !self.shutting_down.load(SeqCst) => warn!("{name}: ended: {e}"),
             e => info!("{name}: ended: {e:?}"),
         }
-        ended(end, session.missing().unwrap_or(0))
+        end
     }
-}
-
-/// TCP_NODELAY and keepalive (idle 30 s, interval 10 s, 3 probes).
-fn tune_tcp(s: &std::net::TcpStream) {
-    let _ = s.set_nodelay(true);
-    let ka = socket2::TcpKeepalive::new()
-        .with_time(Duration::from_secs(30))
-        .with_interval(Duration::from_secs(10))
-        .with_retries(3);
-    let _ = socket2::SockRef::from(s).set_tcp_keepalive(&ka);
 }

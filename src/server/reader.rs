@@ -4,6 +4,7 @@ use super::conn::Conn;
 use crate::proto::consts::REQUEST_LEN;
 use crate::proto::{ProtoError, Request};
 use std::io::{self, Read};
+use std::time::Instant;
 
 const BUF_LEN: usize = 128 * 1024;
 /// Most bytes taken from the socket at once while looking for a request: enough
@@ -15,7 +16,7 @@ const FILL_MAX: usize = 64 * 1024;
 pub enum ReadError {
     #[error("client closed the connection")]
     Eof,
-    #[error("nothing received from the client within the idle limit")]
+    #[error("no complete request from the client within the idle limit")]
     Idle,
     #[error("{0}")]
     Proto(#[from] ProtoError),
@@ -33,12 +34,34 @@ impl ReadError {
     }
 }
 
+/// One `read(2)` from the connection, failing with [`ReadError::Idle`] once
+/// `deadline` has passed.
+fn recv(conn: &Conn, deadline: Option<Instant>, dst: &mut [u8]) -> Result<usize, ReadError> {
+    if let Some(d) = deadline {
+        let left = d.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(ReadError::Idle);
+        }
+        conn.set_read_timeout(Some(left))?;
+    }
+    let mut c = conn;
+    loop {
+        match c.read(dst) {
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(ReadError::from_io(e)),
+        }
+    }
+}
+
 /// Reads requests through a buffer so that one `recv` serves many small requests.
 pub struct Reader {
     conn: Conn,
     buf: Box<[u8]>,
     start: usize,
     end: usize,
+    /// Reads fail with [`ReadError::Idle`] past this instant.
+    deadline: Option<Instant>,
 }
 
 impl Reader {
@@ -48,7 +71,18 @@ impl Reader {
             buf: vec![0u8; BUF_LEN].into_boxed_slice(),
             start: 0,
             end: 0,
+            deadline: None,
         }
+    }
+
+    /// Bounds every read from now on: past `deadline` they fail with
+    /// [`ReadError::Idle`], however many bytes trickle in meanwhile. `None`
+    /// removes the bound (and costs nothing per read).
+    pub fn set_deadline(&mut self, deadline: Option<Instant>) {
+        if deadline.is_none() && self.deadline.is_some() {
+            let _ = self.conn.set_read_timeout(None);
+        }
+        self.deadline = deadline;
     }
 
     fn buffered(&self) -> &[u8] {
@@ -66,15 +100,11 @@ impl Reader {
             self.start = 0;
         }
         let limit = (self.end + FILL_MAX).min(self.buf.len());
-        loop {
-            match (&self.conn).read(&mut self.buf[self.end..limit]) {
-                Ok(0) => return Err(ReadError::Eof),
-                Ok(n) => {
-                    self.end += n;
-                    return Ok(());
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(ReadError::from_io(e)),
+        match recv(&self.conn, self.deadline, &mut self.buf[self.end..limit])? {
+            0 => Err(ReadError::Eof),
+            n => {
+                self.end += n;
+                Ok(())
             }
         }
     }
@@ -121,11 +151,9 @@ impl Reader {
         self.start += have;
         let mut done = have;
         while done < dst.len() {
-            match (&self.conn).read(&mut dst[done..]) {
-                Ok(0) => return Err(ReadError::Eof),
-                Ok(n) => done += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(ReadError::from_io(e)),
+            match recv(&self.conn, self.deadline, &mut dst[done..])? {
+                0 => return Err(ReadError::Eof),
+                n => done += n,
             }
         }
         Ok(())

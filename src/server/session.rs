@@ -4,8 +4,8 @@
 //! replies go out of order as the protocol allows.
 
 use super::conn::Conn;
-use super::coverage::Coverage;
 use super::handshake::Negotiated;
+use super::intake::SenderTrack;
 use super::out::{Out, OUT_CAP};
 use super::reader::{ReadError, Reader};
 use super::validate::{validate, Op, Refusal};
@@ -69,8 +69,8 @@ pub struct Session {
     allowed: AtomicUsize,
     handles: Mutex<Vec<JoinHandle<()>>>,
     pub(super) name: String,
-    /// Ranges written by this client, tracked for an incoming migration.
-    coverage: Option<Mutex<Coverage>>,
+    /// What an incoming migration's sender has sent.
+    sender: Option<Arc<SenderTrack>>,
 }
 
 impl Session {
@@ -79,7 +79,7 @@ impl Session {
         conn: Conn,
         neg: Negotiated,
         name: String,
-        track_coverage: bool,
+        sender: Option<Arc<SenderTrack>>,
     ) -> io::Result<Arc<Session>> {
         let reader = Reader::new(conn.try_clone()?);
         Ok(Arc::new(Session {
@@ -95,7 +95,7 @@ impl Session {
             allowed: AtomicUsize::new(1),
             handles: Mutex::new(Vec::new()),
             name,
-            coverage: track_coverage.then(|| Mutex::new(Coverage::default())),
+            sender,
         }))
     }
 
@@ -122,20 +122,19 @@ impl Session {
             .unwrap_or(End::Closed)
     }
 
-    /// Records that this client wrote `[off, off + len)`.
+    /// Records that this client wrote, zeroed or trimmed `[off, off + len)`.
     pub(super) fn covered(&self, off: u64, len: u64) {
-        if let Some(c) = &self.coverage {
-            c.lock().unwrap_or_else(|p| p.into_inner()).add(off, len);
+        if let Some(t) = &self.sender {
+            t.covered(off, len);
         }
     }
 
-    /// Bytes of the image this client never wrote (when tracked).
-    pub fn missing(&self) -> Option<u64> {
-        self.coverage.as_ref().map(|c| {
-            c.lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .missing(self.export.size())
-        })
+    /// The sender sent ENTRUST.
+    pub(super) fn entrusted(&self) {
+        if let Some(t) = &self.sender {
+            info!("{}: the sender entrusted the image (ENTRUST)", self.name);
+            t.entrust();
+        }
     }
 
     /// Stops reading requests; those in flight still get their replies.
@@ -231,6 +230,20 @@ impl Session {
     /// for it), then as many as are already buffered and fit.
     fn gather(&self, rd: &mut Reader, w: &mut Worker) -> io::Result<()> {
         w.batch.clear();
+        // A sender's next request must arrive whole within its idle limit.
+        if let Some(t) = &self.sender {
+            rd.set_deadline(t.idle_limit().map(|d| std::time::Instant::now() + d));
+        }
+        let r = self.gather_batch(rd, w);
+        if let Some(t) = &self.sender {
+            if !w.batch.is_empty() {
+                t.request_arrived();
+            }
+        }
+        r
+    }
+
+    fn gather_batch(&self, rd: &mut Reader, w: &mut Worker) -> io::Result<()> {
         let mut payload_used = 0usize;
         let mut reply_bytes = 0usize;
         while w.batch.len() < MAX_BATCH {

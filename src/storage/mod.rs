@@ -1,8 +1,10 @@
 //! The image file: positional reads and writes, durability, holes and extents.
 //! Knows nothing of NBD.
 
+mod lock;
 mod zero;
 
+pub use lock::OpenError;
 pub use zero::is_zero;
 
 use crate::sys;
@@ -54,21 +56,22 @@ pub struct Storage {
 }
 
 impl Storage {
-    /// Opens an existing file (or block device); its current size is the export size.
-    pub fn open(path: &Path, read_only: bool) -> io::Result<Storage> {
+    /// Opens an existing file (or block device); its current size is the
+    /// export size. Takes the image lock (qemu's scheme: read-only users
+    /// share the image, a writer excludes other writers); a conflicting
+    /// holder is [`OpenError::Locked`].
+    pub fn open(path: &Path, read_only: bool) -> Result<Storage, OpenError> {
         let mut file = OpenOptions::new().read(true).write(!read_only).open(path)?;
         let meta = file.metadata()?;
         if meta.is_dir() {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "is a directory",
-            ));
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "is a directory").into());
         }
         let size = if meta.is_file() {
             meta.len()
         } else {
             file.seek(SeekFrom::End(0))?
         };
+        lock::lock(&file, read_only)?;
         Ok(Storage {
             file,
             size,

@@ -7,6 +7,10 @@
 
 #![allow(dead_code)]
 
+pub mod migration;
+#[allow(unused_imports)]
+pub use migration::*;
+
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
