@@ -1,6 +1,6 @@
 //! TCP socket options shared by the server and the client side.
 
-use std::net::TcpStream;
+use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
 use std::time::Duration;
 
 /// Unacknowledged data on a migration socket fails it after this long
@@ -32,6 +32,24 @@ pub fn tune_migration_tcp(s: &TcpStream) {
     let _ = sock.set_tcp_user_timeout(Some(MIGRATION_USER_TIMEOUT));
 }
 
+/// Whether `ip` is an address of this host (loopback, unspecified, or one
+/// a socket can be bound to here).
+pub fn is_local_ip(ip: IpAddr) -> bool {
+    let ip = crate::addr::canonical_ip(ip);
+    ip.is_loopback() || ip.is_unspecified() || UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
+}
+
+/// Whether connecting to `dest` would reach one of the listening addresses
+/// `own` of this process.
+pub fn is_own_address(dest: SocketAddr, own: &[SocketAddr]) -> bool {
+    let ip = crate::addr::canonical_ip(dest.ip());
+    own.iter().any(|a| {
+        let listen = crate::addr::canonical_ip(a.ip());
+        a.port() == dest.port()
+            && (listen == ip || (listen.is_unspecified() && is_local_ip(ip)) || ip.is_unspecified())
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -45,5 +63,23 @@ mod tests {
         assert!(s.keepalive().unwrap());
         assert_eq!(s.keepalive_time().unwrap(), Duration::from_secs(5));
         assert_eq!(s.tcp_user_timeout().unwrap(), Some(MIGRATION_USER_TIMEOUT));
+    }
+
+    #[test]
+    fn own_addresses() {
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let own = [a("127.0.0.1:4000"), a("0.0.0.0:5000"), a("[::]:6000")];
+        for yes in [
+            "127.0.0.1:4000",
+            "127.0.0.2:5000",
+            "0.0.0.0:4000",
+            "[::1]:6000",
+            "[::ffff:127.0.0.1]:4000",
+        ] {
+            assert!(is_own_address(a(yes), &own), "{yes}");
+        }
+        for no in ["127.0.0.2:4000", "127.0.0.1:4001", "192.0.2.1:5000"] {
+            assert!(!is_own_address(a(no), &own), "{no}");
+        }
     }
 }

@@ -4,7 +4,7 @@
 use flexnbd::acl::AclEntry;
 use flexnbd::control::client::{request_with_timeout, ControlClientError};
 use flexnbd::control::server::{ControlServer, Limits};
-use flexnbd::control::{Handler, MigrationStatus, MirrorRequest, Reply, Status};
+use flexnbd::control::{Handler, MigrationState, MigrationStatus, MirrorRequest, Reply, Status};
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -34,10 +34,13 @@ impl Handler for Fake {
             migration: self.migrating.then_some(MigrationStatus {
                 speed: 1000,
                 duration: 5,
-                seconds_left: 7,
+                seconds_left: Some(7),
                 bytes_left: 7000,
                 speed_limit: Some(2000),
                 attempts: 1,
+                state: MigrationState::Copying,
+                retry_in: None,
+                last_error: None,
             }),
         }
     }
@@ -141,7 +144,8 @@ fn status_line() {
         text.ends_with(
             "is_mirroring=true clients_allowed=true num_clients=2 has_control=true \
              migration_speed=1000 migration_duration=5 migration_seconds_left=7 \
-             migration_bytes_left=7000 migration_speed_limit=2000 migration_attempts=1"
+             migration_bytes_left=7000 migration_speed_limit=2000 migration_attempts=1 \
+             migration_state=copying"
         ),
         "{text}"
     );

@@ -660,14 +660,34 @@ fn unlink_removes_the_source_file() {
 
 // ---------------------------------------------------------------- status, speed, break
 
+/// Keys always present while migrating (`migration_seconds_left` only while
+/// data moves: speed above 0).
 const MIGRATION_KEYS: [&str; 6] = [
     "migration_speed",
     "migration_duration",
-    "migration_seconds_left",
     "migration_bytes_left",
     "migration_speed_limit",
     "migration_attempts",
+    "migration_state",
 ];
+
+/// Checks the keys of a status taken while migrating.
+#[track_caller]
+fn check_migration_keys(s: &BTreeMap<String, String>) {
+    for k in MIGRATION_KEYS {
+        assert!(s.contains_key(k), "status lacks {k}: {s:?}");
+    }
+    let moving = status_u64(s, "migration_speed") > 0;
+    assert_eq!(
+        s.contains_key("migration_seconds_left"),
+        moving,
+        "an ETA exactly while data moves: {s:?}"
+    );
+    assert!(
+        ["copying", "active", "handover"].contains(&s["migration_state"].as_str()),
+        "{s:?}"
+    );
+}
 
 /// Status samples every 250 ms for `d`.
 fn sample_status(ctl: &Path, d: Duration) -> Vec<(Instant, BTreeMap<String, String>)> {
@@ -713,9 +733,7 @@ fn status_speed_limit_and_break_during_a_slow_migration() {
     let samples = sample_status(&ctl, Duration::from_secs(4));
     for (_, s) in &samples {
         assert_eq!(s["is_mirroring"], "true", "{s:?}");
-        for k in MIGRATION_KEYS {
-            assert!(s.contains_key(k), "status lacks {k}: {s:?}");
-        }
+        check_migration_keys(s);
         assert_eq!(s["migration_speed_limit"], "20000000");
         assert_eq!(s["migration_attempts"], "1");
         assert_eq!(s["has_control"], "true");
@@ -760,9 +778,10 @@ fn status_speed_limit_and_break_during_a_slow_migration() {
     assert_eq!(j["has_control"], Value::Bool(true));
     assert_eq!(j["migration_speed_limit"].as_u64(), Some(20_000_000));
     assert_eq!(j["size"].as_u64(), Some(size));
-    for k in MIGRATION_KEYS {
+    for k in MIGRATION_KEYS.iter().filter(|k| **k != "migration_state") {
         assert!(j[k].is_u64(), "{k} in JSON: {j}");
     }
+    assert_eq!(j["migration_state"], "copying", "{j}");
 
     // One migration at a time.
     let out = mirror_cmd(&ctl, p.dst.addr(), &[]);
@@ -851,8 +870,10 @@ fn status_bytes_left_moves_every_second_at_20_mbps() {
     mirror_cmd(&ctl, p.dst.addr(), &["--max-speed", "20000000"]).expect_success("mirror");
     let samples = sample_status(&ctl, Duration::from_secs(4));
     flexnbd(&["break", "--sock", &ctl.display().to_string()]).expect_success("break");
+    // The first sample may come before anything was measured (no ETA yet).
     let left: Vec<(f64, u64, u64)> = samples
         .iter()
+        .filter(|(_, s)| status_u64(s, "migration_speed") > 0)
         .map(|(t, s)| {
             (
                 t.duration_since(samples[0].0).as_secs_f64(),
@@ -861,6 +882,10 @@ fn status_bytes_left_moves_every_second_at_20_mbps() {
             )
         })
         .collect();
+    assert!(
+        left.len() + 2 >= samples.len(),
+        "no speed measured: {samples:?}"
+    );
     for (i, a) in left.iter().enumerate() {
         if let Some(b) = left[i..].iter().find(|b| b.0 - a.0 >= 1.2) {
             assert!(

@@ -293,9 +293,11 @@ fn retry_scenario(faults: &[Fault], log_needle: &str) -> Vec<fakepeer::ConnRecor
         "status showed is_mirroring=false during the retries"
     );
     assert_eq!(
-        attempts, negotiated,
-        "migration_attempts vs connections that got past the handshake ({recs:?})"
+        attempts,
+        recs.len() as u64,
+        "migration_attempts vs connections, every one an attempt ({recs:?})"
     );
+    assert!(negotiated <= attempts);
     assert!(
         src.srv.log_count(log_needle) >= 1,
         "log lacks {log_needle:?}:\n{}",
@@ -323,8 +325,8 @@ fn destination_closes_after_several_writes() {
 
 /// Expected: the first attempt fails at its first write and the reconnection
 /// is closed right after the greeting → retried again (after 1 s, then 2 s);
-/// the third connection completes; migration_attempts counts the two
-/// connections that got past the handshake.
+/// the third connection completes; migration_attempts counts all three,
+/// the one closed after its greeting included.
 #[test]
 fn destination_closes_right_after_the_greeting_on_reconnect() {
     let recs = retry_scenario(
@@ -358,10 +360,10 @@ fn destination_hangs_before_the_greeting_on_reconnect() {
 }
 
 /// Expected: the destination answers a write with EIO → the attempt fails
-/// ("refused a write" in the log) and is retried; completes.
+/// ("refused a request" in the log) and is retried; completes.
 #[test]
 fn destination_replies_eio_to_a_write() {
-    let recs = retry_scenario(&[Fault::ErrorAtWrite(2, EIO)], "refused a write");
+    let recs = retry_scenario(&[Fault::ErrorAtWrite(2, EIO)], "refused a request");
     assert_eq!(recs.len(), 2);
 }
 
@@ -710,8 +712,9 @@ fn real_mirror_into_an_oldstyle_listener() {
 }
 
 /// Expected: the source is stopped (SIGTERM) in the middle of a migration:
-/// it exits 0 (it still owned the image); the destination never gets
-/// control (has_control=false, marker kept) and accepts a new sender.
+/// it exits 1 (a migration was under way: not a clean stop, as the C
+/// flexnbd); the destination never gets control (has_control=false, marker
+/// kept) and accepts a new sender.
 #[test]
 fn source_stopped_mid_migration_does_not_hand_over() {
     let size = 64 * MIB;
@@ -724,7 +727,7 @@ fn source_stopped_mid_migration_does_not_hand_over() {
         "no data arrived"
     );
     let st = src.srv.stop_with(SIGTERM);
-    assert_eq!(st.code(), Some(0), "{}", src.srv.stderr());
+    assert_eq!(st.code(), Some(1), "{}", src.srv.stderr());
     l.wait_no_clients();
     l.assert_stays_waiting(Duration::from_secs(1));
     assert!(allocated_bytes(&l.file) < size);
@@ -777,11 +780,13 @@ fn mirror_wait_reports_a_break() {
 /// Expected: the destination stops answering at the hand-over's FLUSH while
 /// the source uses the default 60 s request limit. During the hung hand-over
 /// the source reports clients_allowed=false and a client's write is held (not
-/// failed). `break` then returns promptly (< 5 s) with "mirror stopped": the
-/// held write completes successfully, is_mirroring=false, clients_allowed=true,
-/// and the source serves on.
+/// failed, not answered for the first 500 ms); within the hand-over's budget
+/// (1 s, plus the 250 ms a forwarded write may wait) the source gives up on
+/// it and serves clients again: the held write succeeds and lands in the
+/// file, clients_allowed=true, is_mirroring=true. `break` then returns
+/// promptly with "mirror stopped", and the destination never got a DISC.
 #[test]
-fn break_during_a_hung_handover() {
+fn a_hung_handover_releases_clients_after_its_budget() {
     let size = 4 * MIB;
     let dir = tempdir();
     let file = dir.path().join("src.img");
@@ -798,31 +803,37 @@ fn break_during_a_hung_handover() {
         "hand-over never flushed: {:?}",
         fake.records()
     );
+    let t_flush = Instant::now();
     let st = status_map(src.ctl());
     assert_eq!(
         st["clients_allowed"], "false",
         "during the hand-over: {st:?}"
     );
-    assert_eq!(st["is_mirroring"], "true", "{st:?}");
+    assert_eq!(st["migration_state"], "handover", "{st:?}");
     let data = random_bytes(61, 4096);
     let writer = std::thread::spawn(move || {
         let e = held.write(7, 8192, &data);
-        (e, data)
+        (e, data, Instant::now())
     });
     // The write is held at the closed gate: no reply yet (polled for 500 ms).
     assert!(
         !wait_until(Duration::from_millis(500), || writer.is_finished()),
         "a client write was answered during the hand-over"
     );
+    let (e, data, answered) = writer.join().unwrap();
+    assert_eq!(e, 0, "the held write must succeed");
+    let held_for = answered.duration_since(t_flush);
+    assert!(held_for < Duration::from_secs(3), "held for {held_for:?}");
+    assert_eq!(read_file_at(&file, 8192, 4096), data);
+    let st = status_map(src.ctl());
+    assert_eq!(st["clients_allowed"], "true", "{st:?}");
+    assert_eq!(st["is_mirroring"], "true", "{st:?}");
     let t = Instant::now();
     let out = flexnbd(&["break", "--sock", &src.ctl().display().to_string()]);
     let took = t.elapsed();
     out.expect_success("break");
     assert_eq!(out.stdout_str().trim(), "mirror stopped");
     assert!(took < Duration::from_secs(5), "break took {took:?}");
-    let (e, data) = writer.join().unwrap();
-    assert_eq!(e, 0, "the held write must succeed after break");
-    assert_eq!(read_file_at(&file, 8192, 4096), data);
     let st = status_map(src.ctl());
     assert_eq!(st["is_mirroring"], "false", "{st:?}");
     assert_eq!(st["clients_allowed"], "true", "{st:?}");
@@ -831,8 +842,9 @@ fn break_during_a_hung_handover() {
 }
 
 /// Expected: a client request that arrives while the hand-over holds
-/// requests back (here: while the destination takes 1.5 s over the final
-/// FLUSH) is never answered and never executed: once the hand-over completes
+/// requests back (here: while the destination takes 600 ms over the final
+/// FLUSH, within the hand-over's 1 s budget) is never answered and never
+/// executed: once the hand-over completes
 /// the client's connection is closed with nothing sent for it (no ESHUTDOWN
 /// or other error reply, which a VM would see as an I/O error; a reconnecting
 /// client retries it against the new server). A write acknowledged before
@@ -846,7 +858,7 @@ fn requests_held_at_the_handover_get_no_reply() {
     create_random_file(&file, size, 63);
     let original = read_file(&file);
     let mut src = Daemon::serve(&file, &dir.path().join("src.sock")).start();
-    let fake = FakeDest::start(DestConfig::newstyle(size).faults(&[Fault::SlowFlush(1500)]));
+    let fake = FakeDest::start(DestConfig::newstyle(size).faults(&[Fault::SlowFlush(600)]));
     let mut held = Raw::simple(src.addr());
     let acked = random_bytes(64, 4096);
     assert_eq!(held.write(1, 0, &acked), 0, "write before the migration");

@@ -2,13 +2,12 @@
 
 use super::serve::{ip_arg, port_arg};
 use super::Global;
-use crate::control::client::{print_reply, request, request_with_timeout};
-use crate::control::grammar::parse_status;
+use crate::control::client::{print_reply, request, Conversation};
+use crate::control::grammar::{parse_status, unescape_value};
 use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
 use std::net::IpAddr;
-use std::path::Path;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -55,11 +54,19 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         args.bind.map_or_else(|| "0".to_string(), |b| b.to_string()),
         args.max_speed.unwrap_or(0).to_string(),
     ];
-    if let Some(n) = args.retries {
-        lines.push(n.to_string());
+    match (args.retries, args.wait) {
+        (Some(n), _) => lines.push(n.to_string()),
+        (None, true) => lines.push("forever".into()),
+        (None, false) => {}
+    }
+    if args.wait {
+        // The outcome comes as a second line on this connection, before
+        // the server exits at a hand-over.
+        lines.push("wait".into());
     }
     let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
-    let reply = request_with_timeout(&args.sock, &refs, START_TIMEOUT)?;
+    let mut conv = Conversation::open(&args.sock, &refs, Instant::now() + START_TIMEOUT)?;
+    let reply = conv.reply(Some(Instant::now() + START_TIMEOUT))?;
     if reply.code != 0 {
         return Ok(print_reply(&reply));
     }
@@ -67,7 +74,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     if !args.wait {
         return Ok(0);
     }
-    wait(&args.sock)
+    wait(&args.sock, conv)
 }
 
 /// Time for the server to connect to the destination and check its greeting.
@@ -75,13 +82,11 @@ const START_TIMEOUT: Duration = Duration::from_secs(90);
 /// How often progress is refreshed.
 const POLL: Duration = Duration::from_millis(500);
 
-/// Shows progress until the migration ends; 0 only when it succeeded.
-fn wait(sock: &Path) -> anyhow::Result<i32> {
+/// Shows progress until the server sends the outcome; 0 only when it succeeded.
+fn wait(sock: &Path, mut conv: Conversation) -> anyhow::Result<i32> {
     let (tx, rx) = mpsc::channel();
-    let s = sock.to_path_buf();
     std::thread::spawn(move || {
-        let r = request_with_timeout(&s, &["mirror_wait"], Duration::from_secs(u32::MAX as u64));
-        let _ = tx.send(r);
+        let _ = tx.send(conv.reply(None));
     });
     let mut progress = Progress::new();
     loop {
@@ -90,7 +95,9 @@ fn wait(sock: &Path) -> anyhow::Result<i32> {
                 progress.finish();
                 return match r {
                     Ok(reply) => Ok(print_reply(&reply)),
-                    Err(e) => anyhow::bail!("lost contact with the server while waiting: {e}"),
+                    Err(e) => anyhow::bail!(
+                        "lost contact with the server before it reported the outcome: {e}"
+                    ),
                 };
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {
@@ -113,6 +120,63 @@ struct Progress {
     last_line: Instant,
 }
 
+/// What one status line says about a migration.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Seen {
+    size: u64,
+    left: u64,
+    speed: u64,
+    eta: Option<u64>,
+    state: String,
+    attempts: u64,
+    retry_in: Option<u64>,
+    error: Option<String>,
+}
+
+impl Seen {
+    fn parse(status: &str) -> Option<Seen> {
+        let pairs = parse_status(status).ok()?;
+        let text = |k: &str| {
+            pairs
+                .iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.clone())
+        };
+        let num = |k: &str| text(k).and_then(|v| v.parse::<u64>().ok());
+        Some(Seen {
+            size: num("size")?,
+            left: num("migration_bytes_left")?,
+            speed: num("migration_speed").unwrap_or(0),
+            eta: num("migration_seconds_left"),
+            state: text("migration_state").unwrap_or_default(),
+            attempts: num("migration_attempts").unwrap_or(0),
+            retry_in: num("migration_retry_in"),
+            error: text("migration_last_error").map(|e| unescape_value(&e)),
+        })
+    }
+
+    /// What to say after the byte counts.
+    fn message(&self) -> String {
+        if self.state == "retrying" {
+            let reason = self.error.as_deref().unwrap_or("the last attempt failed");
+            return format!(
+                "retrying in {}s (attempt {}): {reason}",
+                self.retry_in.unwrap_or(0),
+                self.attempts
+            );
+        }
+        let eta = match self.eta {
+            Some(s) => format!("ETA {s}s"),
+            None => "ETA unknown".into(),
+        };
+        let state = match self.state.as_str() {
+            "" | "copying" => String::new(),
+            s => format!(", {s}"),
+        };
+        format!("{}/s, {eta}{state}", HumanBytes(self.speed))
+    }
+}
+
 impl Progress {
     fn new() -> Progress {
         let bar = std::io::stderr().is_terminal().then(|| {
@@ -130,33 +194,20 @@ impl Progress {
     }
 
     fn update(&mut self, status: &str) {
-        let Ok(pairs) = parse_status(status) else {
+        let Some(seen) = Seen::parse(status) else {
             return;
         };
-        let get = |k: &str| {
-            pairs
-                .iter()
-                .find(|(key, _)| key == k)
-                .and_then(|(_, v)| v.parse::<u64>().ok())
-        };
-        let (Some(size), Some(left)) = (get("size"), get("migration_bytes_left")) else {
-            return;
-        };
-        let speed = get("migration_speed").unwrap_or(0);
-        let eta = get("migration_seconds_left").unwrap_or(0);
-        let done = size.saturating_sub(left);
+        let done = seen.size.saturating_sub(seen.left);
         match &self.bar {
             Some(b) => {
-                b.set_length(size);
+                b.set_length(seen.size);
                 b.set_position(done);
-                b.set_message(format!("{}/s, ETA {eta}s", HumanBytes(speed)));
+                b.set_message(seen.message());
             }
             None => {
                 if self.last_line.elapsed() >= Duration::from_secs(2) {
                     self.last_line = Instant::now();
-                    eprintln!(
-                        "migrated {done} of {size} bytes, {speed} bytes/s, about {eta}s left"
-                    );
+                    eprintln!("migrated {done} of {} bytes, {}", seen.size, seen.message());
                 }
             }
         }
@@ -166,5 +217,33 @@ impl Progress {
         if let Some(b) = self.bar.take() {
             b.finish_and_clear();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_messages() {
+        let base = "pid=1 size=100 is_mirroring=true clients_allowed=true num_clients=0 \
+                    has_control=true migration_speed=10 migration_duration=3";
+        let s = Seen::parse(&format!(
+            "{base} migration_seconds_left=6 migration_bytes_left=60 migration_attempts=1 \
+             migration_state=copying"
+        ))
+        .unwrap();
+        assert_eq!(s.message(), "10 B/s, ETA 6s");
+        let s = Seen::parse(&format!(
+            "{base} migration_bytes_left=60 migration_attempts=1 migration_state=active"
+        ))
+        .unwrap();
+        assert_eq!(s.message(), "10 B/s, ETA unknown, active");
+        let s = Seen::parse(&format!(
+            "{base} migration_bytes_left=100 migration_attempts=2 migration_state=retrying \
+             migration_retry_in=4 migration_last_error=connection%20closed"
+        ))
+        .unwrap();
+        assert_eq!(s.message(), "retrying in 4s (attempt 2): connection closed");
     }
 }

@@ -37,8 +37,12 @@ pub struct Connection {
 impl Connection {
     /// Connects to `endpoint` and negotiates the export.
     pub fn connect(endpoint: &Endpoint, opts: &ConnectOptions) -> Result<Connection, ClientError> {
-        let stream = transport::connect(endpoint, opts.bind, opts.connect_timeout)?;
-        Connection::establish(stream, opts)
+        let stream = transport::connect(endpoint, opts)?;
+        let r = Connection::establish(stream, opts);
+        match &opts.cancel {
+            Some(c) if c.finish() => Err(ClientError::Cancelled),
+            _ => r,
+        }
     }
 
     /// Negotiates the export on an already connected socket.

@@ -26,7 +26,7 @@ mod tests_transfer;
 
 pub use connection::Connection;
 pub use pipeline::{Completion, Receiver, Sender};
-pub use transport::ShutdownHandle;
+pub use transport::{Cancel, ShutdownHandle};
 
 use crate::proto::consts::*;
 use crate::proto::NbdErrno;
@@ -97,6 +97,9 @@ pub enum ClientError {
     /// The destination of a streamed read failed.
     #[error("writing the data received failed: {0}")]
     Output(io::Error),
+    /// The attempt was abandoned through its [`Cancel`].
+    #[error("connection attempt cancelled")]
+    Cancelled,
     /// The request cannot be sent (too long, not supported by the export, connection
     /// already failed).
     #[error("invalid request: {0}")]
@@ -125,6 +128,10 @@ pub struct ConnectOptions {
     pub structured_replies: bool,
     /// Socket timeout while waiting for a reply in the transmission phase; `None` waits forever.
     pub request_timeout: Option<Duration>,
+    /// A migration link: TCP keepalive and `TCP_USER_TIMEOUT` notice a dead peer fast.
+    pub migration: bool,
+    /// Lets another thread abandon the connect and handshake.
+    pub cancel: Option<std::sync::Arc<Cancel>>,
 }
 
 impl Default for ConnectOptions {
@@ -136,6 +143,8 @@ impl Default for ConnectOptions {
             export_name: String::new(),
             structured_replies: false,
             request_timeout: None,
+            migration: false,
+            cancel: None,
         }
     }
 }

@@ -146,6 +146,12 @@ impl Sender {
         self.send(Request::new(Command::Flush, 0, cookie, 0, 0), &[])
     }
 
+    /// Sends ENTRUST, with which the listen-era C flexnbd ends a migration;
+    /// it is answered like a zero-length READ.
+    pub fn entrust(&mut self, cookie: u64) -> Result<(), ClientError> {
+        self.send(Request::entrust(cookie), &[])
+    }
+
     /// Sends NBD_CMD_DISC (which has no reply) and stops sending. The receiver
     /// still collects replies to earlier requests, then sees the end of the stream.
     pub fn disconnect(&mut self) -> Result<(), ClientError> {

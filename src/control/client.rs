@@ -66,92 +66,139 @@ pub fn request_with_timeout(
     lines: &[&str],
     timeout: Duration,
 ) -> Result<Reply, ControlClientError> {
-    let path = || sock.to_path_buf();
-    let mut req = String::new();
-    for l in lines {
-        if l.is_empty() || l.contains('\n') {
-            return Err(ControlClientError::BadLine((*l).to_owned()));
-        }
-        req.push_str(l);
-        req.push('\n');
-    }
-    req.push('\n');
-
     let deadline = Instant::now() + timeout;
-    let mut stream = UnixStream::connect(sock).map_err(|e| match e.kind() {
-        ErrorKind::NotFound => ControlClientError::NoSocket(path()),
-        ErrorKind::ConnectionRefused => ControlClientError::Refused(path()),
-        _ => ControlClientError::Connect {
-            path: path(),
-            source: e,
-        },
-    })?;
-    let timed_out = || ControlClientError::Timeout {
-        path: path(),
-        timeout,
-    };
-    let left =
-        |d: Instant| Some(d.saturating_duration_since(Instant::now())).filter(|t| !t.is_zero());
+    let mut c = Conversation::open(sock, lines, deadline)?;
+    c.reply(Some(deadline))
+}
 
-    stream
-        .set_write_timeout(Some(left(deadline).ok_or_else(timed_out)?))
-        .map_err(|e| ControlClientError::Send {
-            path: path(),
-            source: e,
-        })?;
-    if let Err(e) = stream.write_all(req.as_bytes()) {
-        // A server that refuses a request may reply and close before reading it
-        // all; its reply is still worth reading.
-        if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) {
-            return Err(timed_out());
+/// One control connection: a request sent, its reply lines read one by one
+/// (`mirror ... wait` gets two).
+pub struct Conversation {
+    stream: UnixStream,
+    path: PathBuf,
+    /// Bytes received and not yet returned as a line.
+    buf: Vec<u8>,
+    closed: bool,
+}
+
+impl Conversation {
+    /// Connects and sends the request, within `deadline`.
+    pub fn open(
+        sock: &Path,
+        lines: &[&str],
+        deadline: Instant,
+    ) -> Result<Conversation, ControlClientError> {
+        let path = || sock.to_path_buf();
+        let mut req = String::new();
+        for l in lines {
+            if l.is_empty() || l.contains('\n') {
+                return Err(ControlClientError::BadLine((*l).to_owned()));
+            }
+            req.push_str(l);
+            req.push('\n');
         }
-        if !matches!(e.kind(), ErrorKind::BrokenPipe | ErrorKind::ConnectionReset) {
-            return Err(ControlClientError::Send {
+        req.push('\n');
+        let mut stream = UnixStream::connect(sock).map_err(|e| match e.kind() {
+            ErrorKind::NotFound => ControlClientError::NoSocket(path()),
+            ErrorKind::ConnectionRefused => ControlClientError::Refused(path()),
+            _ => ControlClientError::Connect {
                 path: path(),
                 source: e,
-            });
+            },
+        })?;
+        let timed_out = || ControlClientError::Timeout {
+            path: path(),
+            timeout: deadline.saturating_duration_since(Instant::now()),
+        };
+        stream
+            .set_write_timeout(Some(left(deadline).ok_or_else(timed_out)?))
+            .map_err(|e| ControlClientError::Send {
+                path: path(),
+                source: e,
+            })?;
+        if let Err(e) = stream.write_all(req.as_bytes()) {
+            // A server that refuses a request may reply and close before reading it
+            // all; its reply is still worth reading.
+            if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) {
+                return Err(timed_out());
+            }
+            if !matches!(e.kind(), ErrorKind::BrokenPipe | ErrorKind::ConnectionReset) {
+                return Err(ControlClientError::Send {
+                    path: path(),
+                    source: e,
+                });
+            }
         }
+        Ok(Conversation {
+            stream,
+            path: sock.to_path_buf(),
+            buf: Vec::new(),
+            closed: false,
+        })
     }
 
-    let mut reply = Vec::new();
-    let mut buf = [0u8; 1024];
-    loop {
-        let t = left(deadline).ok_or_else(timed_out)?;
-        let receive = |e| ControlClientError::Receive {
-            path: path(),
-            source: e,
-        };
-        stream.set_read_timeout(Some(t)).map_err(receive)?;
-        let n = match stream.read(&mut buf) {
-            Ok(n) => n,
-            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                return Err(timed_out())
+    /// The next reply line, waiting until `deadline` (`None`: for ever).
+    pub fn reply(&mut self, deadline: Option<Instant>) -> Result<Reply, ControlClientError> {
+        let path = || self.path.clone();
+        let mut chunk = [0u8; 1024];
+        while !self.buf.contains(&b'\n') && !self.closed {
+            if self.buf.len() > MAX_REPLY {
+                return Err(ControlClientError::ReplyTooLong(path()));
             }
-            // A server closing without reading the whole request resets the
-            // connection; whatever it sent before that still counts.
-            Err(e) if e.kind() == ErrorKind::ConnectionReset => 0,
-            Err(e) => return Err(receive(e)),
-        };
-        if n == 0 {
-            break;
+            let t = match deadline {
+                None => None,
+                Some(d) => Some(left(d).ok_or_else(|| ControlClientError::Timeout {
+                    path: path(),
+                    timeout: Duration::ZERO,
+                })?),
+            };
+            let receive = |e| ControlClientError::Receive {
+                path: self.path.clone(),
+                source: e,
+            };
+            self.stream.set_read_timeout(t).map_err(receive)?;
+            let n = match self.stream.read(&mut chunk) {
+                Ok(n) => n,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    return Err(ControlClientError::Timeout {
+                        path: path(),
+                        timeout: t.unwrap_or_default(),
+                    })
+                }
+                // A server closing without reading the whole request resets the
+                // connection; whatever it sent before that still counts.
+                Err(e) if e.kind() == ErrorKind::ConnectionReset => 0,
+                Err(e) => return Err(receive(e)),
+            };
+            if n == 0 {
+                self.closed = true;
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
         }
-        reply.extend_from_slice(&buf[..n]);
-        if reply.contains(&b'\n') {
-            break;
+        if self.buf.is_empty() {
+            return Err(ControlClientError::NoReply(path()));
         }
-        if reply.len() > MAX_REPLY {
+        let end = self
+            .buf
+            .iter()
+            .position(|&b| b == b'\n')
+            .map_or(self.buf.len(), |i| i + 1);
+        let line: Vec<u8> = self.buf.drain(..end).collect();
+        if line.len() > MAX_REPLY {
             return Err(ControlClientError::ReplyTooLong(path()));
         }
+        let text = String::from_utf8_lossy(&line);
+        Reply::parse_line(&text).map_err(|e| ControlClientError::BadReply {
+            path: path(),
+            source: e,
+        })
     }
-    if reply.is_empty() {
-        return Err(ControlClientError::NoReply(path()));
-    }
-    let text = String::from_utf8_lossy(&reply);
-    Reply::parse_line(&text).map_err(|e| ControlClientError::BadReply {
-        path: path(),
-        source: e,
-    })
+}
+
+/// Time left until `d`, `None` once it has passed.
+fn left(d: Instant) -> Option<Duration> {
+    Some(d.saturating_duration_since(Instant::now())).filter(|t| !t.is_zero())
 }
 
 /// The process exit code for a reply code: the code itself, or 255 if it does not

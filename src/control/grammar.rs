@@ -3,7 +3,10 @@
 //! (The `CODE: text` reply line itself is [`Reply::to_line`] / [`Reply::parse_line`].)
 //!
 //! Argument rules beyond the original C server:
-//! - `mirror` takes an optional sixth line, RETRIES (attempts before giving up).
+//! - `mirror` takes an optional sixth line, RETRIES (failed attempts tolerated,
+//!   or `forever`), and a seventh, `wait`: the reply `0: Mirror started` is
+//!   then followed, on the same connection, by a second line with the outcome
+//!   (as `mirror_wait` gives), sent before the server exits at a hand-over.
 //! - An empty line cannot be an argument (it ends the request), so "no bind address"
 //!   is spelled as an unspecified address (`0`, `0.0.0.0`, `::`) in the BIND position.
 //! - A MAX_BPS of `0` in `mirror` means "no limit". `mirror_max_bps` passes its value
@@ -112,8 +115,10 @@ pub fn parse<S: AsRef<str>>(lines: &[S]) -> Result<Command, CommandError> {
     }
 }
 
-/// `mirror` arguments: ADDR PORT [ACTION [BIND [MAX_BPS [RETRIES]]]], checked in the
-/// order the C server checks them (the count of extra lines last).
+/// `mirror` arguments: ADDR PORT [ACTION [BIND [MAX_BPS [RETRIES [wait]]]]],
+/// checked in the order the C server checks them (the count of extra lines
+/// last). RETRIES is a number or `forever`; `wait` asks for a second reply
+/// line with the outcome.
 fn parse_mirror(args: &[&str]) -> Result<MirrorRequest, CommandError> {
     if args.len() < 2 {
         return Err(CommandError::MirrorTooFewParameters);
@@ -131,12 +136,19 @@ fn parse_mirror(args: &[&str]) -> Result<MirrorRequest, CommandError> {
         None => None,
     };
     let max_bps = args.get(4).map(|n| max_bps(n)).transpose()?;
-    let retries = args.get(5).map(|n| {
-        use CommandError::{RetriesOutOfRange, RetriesUnparsable};
-        decimal(n, RetriesOutOfRange, RetriesUnparsable)
-    });
-    let retries = retries.transpose()?;
-    if args.len() > 6 {
+    let retries = match args.get(5).copied() {
+        None | Some("forever") => None,
+        Some(n) => {
+            use CommandError::{RetriesOutOfRange, RetriesUnparsable};
+            Some(decimal(n, RetriesOutOfRange, RetriesUnparsable)?)
+        }
+    };
+    let wait = match args.get(6).copied() {
+        None => false,
+        Some("wait") => true,
+        Some(_) => return Err(CommandError::MirrorTooManyParameters),
+    };
+    if args.len() > 7 {
         return Err(CommandError::MirrorTooManyParameters);
     }
     Ok(MirrorRequest {
@@ -145,6 +157,7 @@ fn parse_mirror(args: &[&str]) -> Result<MirrorRequest, CommandError> {
         bind: bind.filter(|ip| !ip.is_unspecified()),
         max_bps: max_bps.filter(|n| *n != 0),
         retries,
+        wait,
     })
 }
 
@@ -204,15 +217,69 @@ pub fn status_pairs(s: &Status) -> Vec<(&'static str, String)> {
     if let Some(m) = &s.migration {
         v.push(("migration_speed", m.speed.to_string()));
         v.push(("migration_duration", m.duration.to_string()));
-        v.push(("migration_seconds_left", m.seconds_left.to_string()));
+        if let Some(secs) = m.seconds_left {
+            v.push(("migration_seconds_left", secs.to_string()));
+        }
         v.push(("migration_bytes_left", m.bytes_left.to_string()));
         if let Some(limit) = m.speed_limit {
             v.push(("migration_speed_limit", limit.to_string()));
         }
         v.push(("migration_attempts", m.attempts.to_string()));
+        v.push(("migration_state", m.state.as_str().to_string()));
+        if let Some(secs) = m.retry_in {
+            v.push(("migration_retry_in", secs.to_string()));
+        }
+        if let Some(e) = &m.last_error {
+            v.push(("migration_last_error", escape_value(e)));
+        }
     }
     v
 }
+
+/// A free-text status value (`migration_last_error`) without spaces: `%`,
+/// whitespace and control characters become `%XX` (their UTF-8 bytes).
+pub fn escape_value(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c == '%' || c.is_whitespace() || c.is_control() {
+            let mut b = [0u8; 4];
+            for byte in c.encode_utf8(&mut b).bytes() {
+                out.push_str(&format!("%{byte:02X}"));
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Undoes [`escape_value`]; a `%` not followed by two hex digits stays as it is.
+pub fn unescape_value(text: &str) -> String {
+    let b = text.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |x: u8| (x as char).to_digit(16);
+        match (
+            b[i],
+            b.get(i + 1).and_then(|&x| hex(x)),
+            b.get(i + 2).and_then(|&x| hex(x)),
+        ) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (c, _, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Status keys whose values are escaped free text.
+const ESCAPED_KEYS: [&str; 1] = ["migration_last_error"];
 
 /// The `status` reply text: `key=value` pairs separated by single spaces.
 pub fn format_status(s: &Status) -> String {
@@ -253,7 +320,11 @@ pub fn parse_status(text: &str) -> Result<Vec<(String, String)>, StatusParseErro
 pub fn status_json(pairs: &[(String, String)]) -> Value {
     let mut map = Map::new();
     for (k, v) in pairs {
-        map.insert(k.clone(), json_scalar(v));
+        let value = match ESCAPED_KEYS.contains(&k.as_str()) {
+            true => Value::String(unescape_value(v)),
+            false => json_scalar(v),
+        };
+        map.insert(k.clone(), value);
     }
     Value::Object(map)
 }
@@ -361,20 +432,40 @@ mod tests {
         let mut m = MigrationStatus {
             speed: 100,
             duration: 7,
-            seconds_left: 3,
+            seconds_left: Some(3),
             bytes_left: 300,
             speed_limit: None,
             attempts: 2,
+            state: crate::control::MigrationState::Copying,
+            retry_in: None,
+            last_error: None,
         };
         let tail = "migration_speed=100 migration_duration=7 migration_seconds_left=3 \
                     migration_bytes_left=300";
         let fake = Fake(Mutex::default(), Some(m.clone()));
         let s = format_status(&fake.status());
-        assert!(s.ends_with(&format!("{tail} migration_attempts=2")), "{s}");
+        let want = format!("{tail} migration_attempts=2 migration_state=copying");
+        assert!(s.ends_with(&want), "{s}");
         m.speed_limit = Some(50);
-        let s = format_status(&Fake(Mutex::default(), Some(m)).status());
+        let s = format_status(&Fake(Mutex::default(), Some(m.clone())).status());
         let want = format!("{tail} migration_speed_limit=50 migration_attempts=2");
-        assert!(s.ends_with(&want) && s.contains("is_mirroring=true"), "{s}");
+        assert!(s.contains(&want) && s.contains("is_mirroring=true"), "{s}");
+        // Retrying: no ETA, the wait and the reason (escaped, no spaces).
+        m.seconds_left = None;
+        m.state = crate::control::MigrationState::Retrying;
+        m.retry_in = Some(4);
+        m.last_error = Some("no reply within 60s (100% sure)".into());
+        let s = format_status(&Fake(Mutex::default(), Some(m)).status());
+        assert!(!s.contains("seconds_left"), "{s}");
+        let want = "migration_state=retrying migration_retry_in=4 \
+                    migration_last_error=no%20reply%20within%2060s%20(100%25%20sure)";
+        assert!(s.ends_with(want), "{s}");
+        let json = status_text_to_json(&s).unwrap();
+        assert_eq!(
+            json["migration_last_error"],
+            "no reply within 60s (100% sure)"
+        );
+        assert_eq!(json["migration_retry_in"], 4);
     }
 
     #[test]
@@ -424,6 +515,7 @@ mod tests {
             (&format!("{m}|b"), "1: bad bind address"),
             ("mirror|1.2.3.4|1|x", "1: action must be 'exit', 'unlink' or 'nothing'"),
             (&format!("{m}|0|1|2|3"), "1: unrecognised parameters to mirror"),
+            (&format!("{m}|0|1|2|wait|4"), "1: unrecognised parameters to mirror"),
             ("mirror|127.0.0.1|9", "0: Mirror started"),
             ("mirror_max_bps|0", "0: updated"),
             ("mirror_max_bps|1k", "1: max_bps couldn't be parsed"),
@@ -452,6 +544,9 @@ mod tests {
         let parts = (r.action, r.bind, r.max_bps, r.retries);
         let bind = Some("127.0.0.2".parse().unwrap());
         assert_eq!(parts, (MirrorAction::Unlink, bind, Some(1000), Some(5)));
+        let r = mirror("1.2.3.4|1|exit|0|0|forever|wait").unwrap();
+        assert_eq!((r.retries, r.wait), (None, true));
+        assert!(!mirror("1.2.3.4|1|exit|0|0|3").unwrap().wait);
         let r = mirror("0|1|nothing|0|0").unwrap();
         let parts = (r.action, r.bind, r.max_bps);
         assert_eq!(parts, (MirrorAction::Nothing, None, None));
@@ -474,6 +569,7 @@ mod tests {
             ("1.2.3.4|1|exit|0|1|x", E::RetriesUnparsable),
             ("1.2.3.4|1|exit|0|1|4294967296", E::RetriesOutOfRange),
             ("1.2.3.4|1|exit|0|1|2|3", E::MirrorTooManyParameters),
+            ("1.2.3.4|1|exit|0|1|2|wait|x", E::MirrorTooManyParameters),
         ];
         for (args, want) in cases {
             assert_eq!(mirror(args), Err(want), "{args:?}");
@@ -481,6 +577,13 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn escaped_values_round_trip_without_spaces(text in "\\PC{0,40}|[ %\t\n\r]{0,5}") {
+            let e = escape_value(&text);
+            prop_assert!(!e.chars().any(|c| c.is_whitespace()));
+            prop_assert_eq!(unescape_value(&e), text);
+        }
+
         #[test]
         fn any_request_gets_one_line(v in proptest::collection::vec(".{0,40}", 0..10)) {
             let out = handle(&v, &Fake::default()).to_line();

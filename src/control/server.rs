@@ -10,7 +10,7 @@
 //! - Bounds: [`Limits`]. Past a bound, or on invalid UTF-8, the reply is `1: <why>`
 //!   and the connection is closed without running anything.
 
-use super::grammar::handle;
+use super::grammar::{parse, run, Command};
 use super::{Handler, Reply};
 use std::fs;
 use std::io::{self, ErrorKind, Read, Write};
@@ -372,7 +372,7 @@ fn read_request(stream: &mut UnixStream, limits: Limits) -> Result<Vec<String>, 
 }
 
 fn serve_connection(mut stream: UnixStream, handler: &dyn Handler, limits: Limits) {
-    let reply = match read_request(&mut stream, limits) {
+    let (reply, follow_up) = match read_request(&mut stream, limits) {
         Ok(lines) => {
             let name: String = lines
                 .first()
@@ -381,32 +381,62 @@ fn serve_connection(mut stream: UnixStream, handler: &dyn Handler, limits: Limit
                 .take(40)
                 .collect();
             crate::info!("{name:?} command received");
-            catch_unwind(AssertUnwindSafe(|| handle(&lines, handler))).unwrap_or_else(|_| {
+            catch_unwind(AssertUnwindSafe(|| answer(&lines, handler))).unwrap_or_else(|_| {
                 crate::error!("control command {name:?} failed unexpectedly");
-                Reply::err(1, "internal error")
+                (Reply::err(1, "internal error"), false)
             })
         }
         Err(ReadError::Frame(e)) => {
             crate::warn!("bad control request: {e}");
-            Reply::err(1, e.to_string())
+            (Reply::err(1, e.to_string()), false)
         }
         Err(ReadError::Timeout) => {
             crate::warn!("control client sent no complete request in time");
-            Reply::err(1, "timed out waiting for the request")
+            (Reply::err(1, "timed out waiting for the request"), false)
         }
         Err(ReadError::Io(e)) => {
             crate::debug!("control connection failed: {e}");
             return;
         }
     };
-    send_reply(stream, &reply, limits);
+    if send_line(&mut stream, &reply, limits) && follow_up {
+        // `mirror ... wait`: the outcome follows on the same connection, and
+        // is sent before the server exits at a hand-over.
+        let outcome = catch_unwind(AssertUnwindSafe(|| handler.wait_mirror()))
+            .unwrap_or_else(|_| Reply::err(1, "internal error"));
+        send_line(&mut stream, &outcome, limits);
+    }
+    let _ = stream.shutdown(std::net::Shutdown::Both);
+}
+
+/// Runs a request: its reply, and whether the outcome of the migration it
+/// started follows as a second line.
+fn answer(lines: &[String], handler: &dyn Handler) -> (Reply, bool) {
+    match parse(lines) {
+        Ok(cmd) => {
+            let wait = matches!(&cmd, Command::Mirror(r) if r.wait);
+            let reply = run(cmd, handler);
+            let follow = wait && reply.code == 0;
+            (reply, follow)
+        }
+        Err(e) => (e.to_reply(), false),
+    }
+}
+
+/// Writes one reply line; false if the client is gone.
+fn send_line(stream: &mut UnixStream, reply: &Reply, limits: Limits) -> bool {
+    let _ = stream.set_write_timeout(Some(limits.write_timeout));
+    match stream.write_all(reply.to_line().as_bytes()) {
+        Ok(()) => true,
+        Err(e) => {
+            crate::debug!("cannot send control reply: {e}");
+            false
+        }
+    }
 }
 
 fn send_reply(mut stream: UnixStream, reply: &Reply, limits: Limits) {
-    let _ = stream.set_write_timeout(Some(limits.write_timeout));
-    if let Err(e) = stream.write_all(reply.to_line().as_bytes()) {
-        crate::debug!("cannot send control reply: {e}");
-    }
+    send_line(&mut stream, reply, limits);
     let _ = stream.shutdown(std::net::Shutdown::Both);
 }
 

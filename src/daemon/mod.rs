@@ -63,6 +63,31 @@ fn request_timeout() -> anyhow::Result<Duration> {
     )
 }
 
+/// How long a client write forwarded to a migration's destination waits for
+/// it: `FLEXNBD_MIRROR_STALL_MS` (milliseconds), 250 by default.
+fn stall_budget() -> anyhow::Result<Duration> {
+    match std::env::var("FLEXNBD_MIRROR_STALL_MS") {
+        Err(_) => Ok(crate::mirror::STALL_BUDGET),
+        Ok(v) => match v.trim().parse::<u64>() {
+            Ok(ms) if (1..=3_600_000).contains(&ms) => Ok(Duration::from_millis(ms)),
+            _ => bail!(
+                "FLEXNBD_MIRROR_STALL_MS: not a number of milliseconds from 1 to 3600000: {v:?}"
+            ),
+        },
+    }
+}
+
+/// The TCP addresses of `listeners`.
+fn tcp_addresses(listeners: &[Listener]) -> Vec<std::net::SocketAddr> {
+    listeners
+        .iter()
+        .filter_map(|l| match l.endpoint() {
+            Endpoint::Tcp(a) => Some(*a),
+            Endpoint::Unix(_) => None,
+        })
+        .collect()
+}
+
 /// A listener's limits on senders: `FLEXNBD_MIGRATION_IDLE_SECS` (120 s by
 /// default) for a whole request to arrive, `FLEXNBD_MIGRATION_STALE_SECS`
 /// (5 s) of silence after which a new sender replaces the current one.
@@ -126,6 +151,7 @@ fn endpoints(opts: &ServeOpts) -> anyhow::Result<Vec<Endpoint>> {
 pub fn run(mode: Mode, opts: &ServeOpts, rebind: Option<Rebind>) -> anyhow::Result<i32> {
     let eps = endpoints(opts)?;
     let request_timeout = request_timeout()?;
+    let stall = stall_budget()?;
     let limits = incoming_limits()?;
     let acl = Acl::parse(&opts.acl, opts.default_deny)?;
     if !opts.file.exists() {
@@ -190,10 +216,11 @@ pub fn run(mode: Mode, opts: &ServeOpts, rebind: Option<Rebind>) -> anyhow::Resu
         has_control: AtomicBool::new(mode == Mode::Serve),
         clients_allowed: AtomicBool::new(mode == Mode::Serve),
         shutting_down: AtomicBool::new(false),
-        starting: AtomicBool::new(false),
         mirror: std::sync::Mutex::new(None),
         events: std::sync::Mutex::new(tx.clone()),
         request_timeout,
+        stall,
+        own: std::sync::Mutex::new(tcp_addresses(&listeners)),
     });
     let control = match &opts.sock {
         Some(p) => Some(
@@ -203,10 +230,12 @@ pub fn run(mode: Mode, opts: &ServeOpts, rebind: Option<Rebind>) -> anyhow::Resu
         None => None,
     };
 
+    let mut signalled = false;
     let code = loop {
         match rx.recv() {
             Ok(Event::Signal(s)) => {
                 info!("received signal {s}: shutting down");
+                signalled = true;
                 if daemon.has_control.load(SeqCst) {
                     break 0;
                 }
@@ -238,7 +267,10 @@ pub fn run(mode: Mode, opts: &ServeOpts, rebind: Option<Rebind>) -> anyhow::Resu
                 info!("took control of the image");
                 if let Some(r) = rebind.filter(|r| r.addr.is_some() || r.port.is_some()) {
                     match rebind_listeners(&mut listeners, r, &server, &rx) {
-                        Ok(()) => {}
+                        Ok(()) => {
+                            *daemon.own.lock().unwrap_or_else(|p| p.into_inner()) =
+                                tcp_addresses(&listeners);
+                        }
                         Err(code) => break code,
                     }
                 }
@@ -251,18 +283,23 @@ pub fn run(mode: Mode, opts: &ServeOpts, rebind: Option<Rebind>) -> anyhow::Resu
     for l in listeners {
         l.stop();
     }
-    let handed_over = daemon
-        .mirror
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .as_ref()
-        .is_some_and(|m| m.finish() == Some(crate::mirror::Finish::HandedOver));
-    if !handed_over {
-        if let Some(m) = daemon.running_mirror() {
-            info!("stopping the migration");
-            m.stop();
-        }
+    // A migration under way (connecting, copying or handing over) is
+    // stopped; if its hand-over got through first, the destination owns the
+    // image. A signal during a migration is not a clean stop: exit 1.
+    let under_way = daemon.active_mirror();
+    if let Some(m) = &under_way {
+        info!("stopping the migration");
+        m.stop();
     }
+    let handed_over = daemon.handed_over();
+    let code = match () {
+        _ if handed_over => 0,
+        _ if signalled && under_way.is_some() => {
+            warn!("stopped by a signal during a migration; the image stays here");
+            1
+        }
+        _ => code,
+    };
     server.begin_shutdown();
     if handed_over {
         // The destination owns the image now. Requests held back during the

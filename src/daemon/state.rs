@@ -7,6 +7,7 @@ use crate::control::{Handler, MirrorRequest, Reply, Status};
 use crate::export::Export;
 use crate::mirror::{Finish, Hooks, Mirror, Spec};
 use crate::server::Server;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::{mpsc, Arc, Mutex};
@@ -19,21 +20,43 @@ pub(super) struct Daemon {
     pub has_control: AtomicBool,
     pub clients_allowed: AtomicBool,
     pub shutting_down: AtomicBool,
-    /// A `mirror` command is connecting to its destination.
-    pub starting: AtomicBool,
+    /// The current (or last) migration, from the moment it starts connecting.
     pub mirror: Mutex<Option<Arc<Mirror>>>,
     pub events: Mutex<mpsc::Sender<Event>>,
     pub request_timeout: Duration,
+    pub stall: Duration,
+    /// The TCP addresses this server listens on (a migration to one of
+    /// them would copy the image onto itself).
+    pub own: Mutex<Vec<SocketAddr>>,
 }
 
 impl Daemon {
-    /// The current migration, if one is running.
+    fn slot(&self) -> std::sync::MutexGuard<'_, Option<Arc<Mirror>>> {
+        self.mirror.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The migration that has started and not ended.
     pub fn running_mirror(&self) -> Option<Arc<Mirror>> {
-        self.mirror
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        self.slot()
             .clone()
-            .filter(|m| m.finish().is_none())
+            .filter(|m| m.is_started() && m.finish().is_none())
+    }
+
+    /// A migration under way: started, or still connecting.
+    pub fn active_mirror(&self) -> Option<Arc<Mirror>> {
+        self.slot().clone().filter(|m| m.finish().is_none())
+    }
+
+    /// Whether the last migration handed the image over.
+    pub fn handed_over(&self) -> bool {
+        self.slot()
+            .as_ref()
+            .is_some_and(|m| m.finish() == Some(Finish::HandedOver))
+    }
+
+    fn is_own_address(&self, dest: SocketAddr) -> bool {
+        let own = self.own.lock().unwrap_or_else(|p| p.into_inner());
+        crate::net::is_own_address(dest, &own)
     }
 }
 
@@ -93,10 +116,18 @@ impl Handler for Control {
         if !d.has_control.load(SeqCst) {
             return Reply::err(1, "this server has not received its image yet");
         }
-        // Connecting can take seconds: the slot is not held meanwhile, so
-        // `status` keeps answering; `starting` keeps a second start out.
-        if d.running_mirror().is_some() || d.starting.swap(true, SeqCst) {
-            return Reply::err(1, "mirror already running");
+        if d.is_own_address(req.dest) {
+            warn!(
+                "refusing to migrate to {}: this server's own address",
+                req.dest
+            );
+            return Reply::err(
+                1,
+                format!(
+                    "{} is this server's own address; refusing to mirror onto itself",
+                    req.dest
+                ),
+            );
         }
         let spec = Spec {
             dest: req.dest,
@@ -106,23 +137,35 @@ impl Handler for Control {
             retries: req.retries,
             file: d.file.clone(),
             request_timeout: d.request_timeout,
+            stall: d.stall,
         };
-        let hooks = Arc::new(MirrorHooks { daemon: d.clone() });
-        let started = Mirror::start(d.export.clone(), spec, hooks);
-        let reply = match started {
-            Ok(m) => {
-                *d.mirror.lock().unwrap_or_else(|p| p.into_inner()) = Some(m.clone());
-                if d.shutting_down.load(SeqCst) {
-                    m.stop();
-                    Reply::err(1, "shutting down")
-                } else {
-                    Reply::ok("Mirror started")
-                }
+        // Registered before it connects, so `break` and signals find it.
+        let m = {
+            let mut slot = d.slot();
+            if slot.as_ref().is_some_and(|m| m.finish().is_none()) {
+                return Reply::err(1, "mirror already running");
             }
-            Err(e) => Reply::err(1, e.to_string()),
+            let hooks = Arc::new(MirrorHooks { daemon: d.clone() });
+            let m = Mirror::start(d.export.clone(), spec, hooks);
+            *slot = Some(m.clone());
+            m
         };
-        d.starting.store(false, SeqCst);
-        reply
+        // Connecting can take seconds; `status` keeps answering meanwhile.
+        match m.started() {
+            Ok(()) if d.shutting_down.load(SeqCst) => {
+                m.stop();
+                Reply::err(1, "shutting down")
+            }
+            Ok(()) => Reply::ok("Mirror started"),
+            Err(e) => {
+                // A failed start leaves no state behind.
+                let mut slot = d.slot();
+                if slot.as_ref().is_some_and(|s| Arc::ptr_eq(s, &m)) {
+                    *slot = None;
+                }
+                Reply::err(1, e.to_string())
+            }
+        }
     }
 
     fn set_mirror_speed(&self, bytes_per_sec: u64) -> Reply {
@@ -136,7 +179,7 @@ impl Handler for Control {
     }
 
     fn break_mirror(&self) -> Reply {
-        match self.0.running_mirror() {
+        match self.0.active_mirror() {
             Some(m) => {
                 m.stop();
                 match m.finish() {
@@ -151,12 +194,7 @@ impl Handler for Control {
     }
 
     fn wait_mirror(&self) -> Reply {
-        let m = self
-            .0
-            .mirror
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let m = self.0.slot().clone();
         let Some(m) = m else {
             return Reply::err(1, "not mirroring");
         };

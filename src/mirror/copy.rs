@@ -1,9 +1,11 @@
-//! One migration from start to end: attempts (a full copy each), passes over
-//! the dirty map, active mirroring, and the hand-over.
+//! One migration from start to end: the first connection, attempts (a full
+//! copy each), passes over the dirty map, active mirroring, and the
+//! hand-over.
 
-use super::link::Link;
+use super::link::{Class, Drained, Link, NotSent, Op};
 use super::planner::{backoff, Convergence};
-use super::{connect, Finish, Phase, Shared};
+use super::progress::State;
+use super::{connect, Finish, Shared, StartError};
 use crate::client::Connection;
 use crate::control::MirrorAction;
 use crate::storage::is_zero;
@@ -14,10 +16,62 @@ use std::time::{Duration, Instant};
 const HANDOVER_REMAINDER: u64 = 4 << 20;
 /// Largest single WRITE sent to the destination.
 const MAX_WRITE: u64 = 8 << 20;
+/// During active mirroring: the copier's largest WRITE, and how much of its
+/// data may be unconfirmed, so forwarded client writes wait behind little.
+const ACTIVE_WRITE: u64 = 256 << 10;
+const ACTIVE_IN_FLIGHT: u64 = 2 << 20;
 /// Largest single WRITE_ZEROES sent to the destination.
 const MAX_ZEROES: u64 = 1 << 30;
 /// Extents looked up at a time during the first sweep.
 const SWEEP_EXTENTS: usize = 1024;
+/// Time the first hand-over may hold clients' requests; a destination too
+/// slow for it is given another chance later, with twice the time (up to
+/// the request timeout), while clients are served again.
+const HANDOVER_BUDGET: Duration = Duration::from_secs(1);
+
+/// How the copier sends: piece size, its share of the window, pacing, and
+/// a deadline.
+#[derive(Debug, Clone, Copy)]
+struct Lane {
+    piece: u64,
+    in_flight: u64,
+    /// Honour the speed limit (not while clients are held).
+    paced: bool,
+    /// Give up (with [`Stop::Slow`]) at this instant.
+    until: Option<Instant>,
+}
+
+impl Lane {
+    /// The sweep and the passes: large pieces, the whole window.
+    const COPY: Lane = Lane {
+        piece: MAX_WRITE,
+        in_flight: u64::MAX,
+        paced: true,
+        until: None,
+    };
+    /// Active mirroring: client writes have priority.
+    const ACTIVE: Lane = Lane {
+        piece: ACTIVE_WRITE,
+        in_flight: ACTIVE_IN_FLIGHT,
+        paced: true,
+        until: None,
+    };
+
+    /// The hand-over: clients are held, so no pacing, and a deadline.
+    fn handover(deadline: Instant) -> Lane {
+        Lane {
+            paced: false,
+            until: Some(deadline),
+            ..Lane::COPY
+        }
+    }
+
+    fn class(&self) -> Class {
+        Class::Bulk {
+            in_flight: self.in_flight,
+        }
+    }
+}
 
 /// Why an attempt ended without success.
 enum Stop {
@@ -27,6 +81,8 @@ enum Stop {
     Retry(String),
     /// Nothing more can be done.
     Fatal(String),
+    /// The hand-over ran out of time; serve clients again and retry it.
+    Slow,
 }
 
 enum Done {
@@ -35,8 +91,35 @@ enum Done {
 }
 
 /// The migration thread.
-pub(super) fn run(s: Arc<Shared>, first: Connection) {
-    let finish = attempts(&s, first);
+pub(super) fn run(s: Arc<Shared>) {
+    s.progress().attempt_begins(Instant::now());
+    let finish = match connect(&s) {
+        Err(f) => {
+            let kind = if s.stopped() {
+                StartError::Stopped
+            } else {
+                f.kind
+            };
+            s.set_start(Err(kind.clone()));
+            let finish = match kind {
+                StartError::Stopped => Finish::Stopped,
+                k => Finish::Failed(k.to_string()),
+            };
+            end(&s, finish, false);
+            return;
+        }
+        Ok(_) if s.stopped() => {
+            s.set_start(Err(StartError::Stopped));
+            end(&s, Finish::Stopped, false);
+            return;
+        }
+        Ok(first) => {
+            s.export.set_observer(Some(s.observer.clone()));
+            info!("migration to {} started", s.spec.dest);
+            s.set_start(Ok(()));
+            attempts(&s, first)
+        }
+    };
     s.observer.idle();
     s.export.set_observer(None);
     *s.link.lock().unwrap_or_else(|e| e.into_inner()) = None;
@@ -46,64 +129,82 @@ pub(super) fn run(s: Arc<Shared>, first: Connection) {
         Finish::Stopped => info!("migration to {} stopped", s.spec.dest),
         Finish::Failed(why) => error!("migration to {} failed: {why}", s.spec.dest),
     }
+    end(&s, finish, true);
+}
+
+/// Records the end; `started`: the migration had started (hooks are told).
+fn end(s: &Shared, finish: Finish, started: bool) {
     {
-        let mut p = s.progress.lock().unwrap_or_else(|e| e.into_inner());
+        let mut p = s.progress();
         p.finish = Some(finish.clone());
         s.done_cv.notify_all();
     }
-    s.hooks.finished(&finish);
+    if started {
+        s.hooks.finished(&finish);
+    }
 }
 
 fn attempts(s: &Arc<Shared>, first: Connection) -> Finish {
     let mut next = Some(first);
+    // All failed attempts (for --retries), and those since the last one
+    // that got data through (for the back-off).
     let mut failures = 0u32;
+    let mut streak = 0u32;
     loop {
         if s.stopped() {
             return Finish::Stopped;
         }
         let conn = match next.take() {
             Some(c) => Ok(c),
-            None => connect(&s.spec, s.export.size()).map_err(|e| e.to_string()),
-        };
-        let outcome = match conn {
-            Ok(c) => {
-                s.progress
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .attempts += 1;
-                attempt(s, c)
+            None => {
+                s.progress().attempt_begins(Instant::now());
+                connect(s).map_err(|f| f.detail)
             }
-            Err(e) => Err(Stop::Retry(e)),
         };
-        match outcome {
+        let (outcome, progressed) = match conn {
+            Ok(c) => attempt(s, c),
+            Err(e) => (Err(Stop::Retry(e)), false),
+        };
+        let why = match outcome {
             Ok(Done::HandedOver) => return Finish::HandedOver,
             Ok(Done::Completed) => return Finish::Completed,
             Err(Stop::Stopped) => return Finish::Stopped,
             Err(Stop::Fatal(why)) => return Finish::Failed(why),
-            Err(Stop::Retry(why)) => {
-                failures += 1;
-                if s.spec.retries.is_some_and(|n| failures > n) {
-                    return Finish::Failed(format!(
-                        "{why} (gave up after {failures} failed attempts)"
-                    ));
-                }
-                let delay = backoff(failures);
-                warn!(
-                    "migration attempt failed: {why}; retrying from scratch in {}s",
-                    delay.as_secs()
-                );
-                if s.sleep(delay) {
-                    return Finish::Stopped;
-                }
-            }
+            Err(_) if s.stopped() => return Finish::Stopped,
+            Err(Stop::Retry(why)) => why,
+            Err(Stop::Slow) => "the destination was too slow".into(),
+        };
+        failures += 1;
+        streak = if progressed { 1 } else { streak + 1 };
+        if s.spec.retries.is_some_and(|n| failures > n) {
+            return Finish::Failed(format!("{why} (gave up after {failures} failed attempts)"));
+        }
+        let delay = backoff(streak);
+        let attempt = {
+            let mut p = s.progress();
+            p.retrying(&why, Instant::now() + delay);
+            p.attempts()
+        };
+        warn!(
+            "migration attempt {attempt} failed: {why}; retrying from scratch in {}s",
+            delay.as_secs()
+        );
+        if s.sleep(delay) {
+            return Finish::Stopped;
         }
     }
 }
 
-/// One full copy over a fresh connection.
-fn attempt(s: &Arc<Shared>, conn: Connection) -> Result<Done, Stop> {
-    let link = Link::start(conn, s.dirty.clone(), s.spec.request_timeout)
-        .map_err(|e| Stop::Retry(e.to_string()))?;
+/// One full copy over a fresh connection; also whether the destination
+/// confirmed any data (the link worked for a while).
+fn attempt(s: &Arc<Shared>, conn: Connection) -> (Result<Done, Stop>, bool) {
+    let s2 = s.clone();
+    let confirmed = Box::new(move |bytes| s2.sent(bytes));
+    let link = match Link::start(conn, s.dirty.clone(), s.spec.request_timeout, confirmed) {
+        Ok(l) => l,
+        Err(e) => return (Err(Stop::Retry(e.to_string())), false),
+    };
+    s.progress().copying();
     *s.link.lock().unwrap_or_else(|e| e.into_inner()) = Some(link.clone());
     let r = copy_all(s, &link);
     s.observer.idle();
@@ -112,7 +213,7 @@ fn attempt(s: &Arc<Shared>, conn: Connection) -> Result<Done, Stop> {
         Err(_) => "migration attempt ended",
     });
     *s.link.lock().unwrap_or_else(|e| e.into_inner()) = None;
-    r
+    (r, link.confirmed_bytes() > 0)
 }
 
 fn link_failed(s: &Shared, link: &Link) -> Stop {
@@ -125,20 +226,26 @@ fn link_failed(s: &Shared, link: &Link) -> Stop {
     )
 }
 
+/// What a wait on the link means for the attempt.
+fn waited(s: &Shared, link: &Link, d: Drained) -> Result<(), Stop> {
+    match d {
+        Drained::Done => Ok(()),
+        Drained::Failed => Err(link_failed(s, link)),
+        Drained::TimedOut => Err(Stop::Slow),
+    }
+}
+
 fn copy_all(s: &Arc<Shared>, link: &Arc<Link>) -> Result<Done, Stop> {
     // Track first, then forget old marks: the sweep reads everything after this.
     s.observer.track();
     s.dirty.clear_all();
-    s.set_phase(Phase::Sweep);
     sweep(s, link)?;
+    s.progress().sweep_done();
 
-    s.set_phase(Phase::Passes);
     let mut conv = Convergence::new();
     loop {
-        pass(s, link)?;
-        if !link.drain() {
-            return Err(link_failed(s, link));
-        }
+        pass(s, link, Lane::COPY)?;
+        waited(s, link, link.drain(None))?;
         let left = s.dirty.dirty_bytes();
         if conv.after_pass(left) {
             info!(
@@ -149,10 +256,24 @@ fn copy_all(s: &Arc<Shared>, link: &Arc<Link>) -> Result<Done, Stop> {
         }
     }
 
-    s.set_phase(Phase::Active);
+    s.progress().set_state(State::Active);
     s.observer.forward(link.clone());
-    drain_dirty(s, link, HANDOVER_REMAINDER)?;
-    handover(s, link)
+    let mut budget = HANDOVER_BUDGET;
+    loop {
+        drain_dirty(s, link, HANDOVER_REMAINDER)?;
+        match handover(s, link, budget) {
+            Err(Stop::Slow) => {
+                warn!(
+                    "hand-over: the destination took over {}s; serving clients again and \
+                     trying again",
+                    budget.as_secs_f64()
+                );
+                budget = (budget * 2).min(s.spec.request_timeout);
+                s.progress().set_state(State::Active);
+            }
+            r => return r,
+        }
+    }
 }
 
 /// Sends the whole image once: data as WRITEs, holes as WRITE_ZEROES.
@@ -175,7 +296,7 @@ fn sweep(s: &Shared, link: &Link) -> Result<(), Stop> {
             if e.hole {
                 send_zeroes(s, link, pos, e.len)?;
             } else {
-                send_data(s, link, pos, e.len, true)?;
+                send_data(s, link, pos, e.len, true, Lane::COPY)?;
             }
             pos = end;
         }
@@ -184,7 +305,7 @@ fn sweep(s: &Shared, link: &Link) -> Result<(), Stop> {
 }
 
 /// One pass over the dirty map, from the start to the end of the image.
-fn pass(s: &Shared, link: &Link) -> Result<(), Stop> {
+fn pass(s: &Shared, link: &Link, lane: Lane) -> Result<(), Stop> {
     let mut cursor = 0u64;
     loop {
         if s.stopped() {
@@ -194,11 +315,11 @@ fn pass(s: &Shared, link: &Link) -> Result<(), Stop> {
             .limit
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .piece(MAX_WRITE);
+            .piece(lane.piece);
         let Some((off, len)) = s.dirty.take_after(cursor, piece) else {
             return Ok(());
         };
-        send_data(s, link, off, len, false)?;
+        send_data(s, link, off, len, false, lane)?;
         cursor = off + len;
     }
 }
@@ -208,10 +329,8 @@ fn pass(s: &Shared, link: &Link) -> Result<(), Stop> {
 /// rewriting can stay dirty, so the hand-over (clients held) sends the rest.
 fn drain_dirty(s: &Shared, link: &Link, left: u64) -> Result<(), Stop> {
     loop {
-        pass(s, link)?;
-        if !link.drain() {
-            return Err(link_failed(s, link));
-        }
+        pass(s, link, Lane::ACTIVE)?;
+        waited(s, link, link.drain(None))?;
         if s.dirty.dirty_bytes() <= left {
             return Ok(());
         }
@@ -231,54 +350,63 @@ fn pace(s: &Shared, bytes: u64) -> Result<(), Stop> {
     Ok(())
 }
 
-/// Records that the first sweep has sent everything before `pos`.
-fn swept(s: &Shared, pos: u64) {
-    s.progress.lock().unwrap_or_else(|p| p.into_inner()).unswept = s.export.size() - pos;
-}
-
 /// Sends the current contents of `[off, off + len)` (`sweeping`: as part of
-/// the first sweep, whose progress it reports).
-fn send_data(s: &Shared, link: &Link, off: u64, len: u64, sweeping: bool) -> Result<(), Stop> {
-    let mut buf = Vec::new();
+/// the first sweep, whose progress it reports) as `lane` says.
+fn send_data(
+    s: &Shared,
+    link: &Link,
+    off: u64,
+    len: u64,
+    sweeping: bool,
+    lane: Lane,
+) -> Result<(), Stop> {
     let end = off + len;
     let mut pos = off;
+    let until = lane.until;
     while pos < end {
         let piece = s
             .limit
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .piece(MAX_WRITE);
+            .piece(lane.piece);
         let n = (end - pos).min(piece);
-        pace(s, n)?;
+        if lane.paced {
+            pace(s, n)?;
+        }
         // Claim before reading, so no forwarded client write to these blocks is in flight.
-        let Some(claim) = link.inflight.claim(pos, n) else {
+        let Some(claim) = link.inflight.claim(pos, n, until) else {
             s.dirty.mark(pos, end - pos);
-            return Err(link_failed(s, link));
+            return Err(match link.inflight.is_closed() {
+                true => link_failed(s, link),
+                false => Stop::Slow,
+            });
         };
-        buf.resize(n as usize, 0);
+        let mut buf = link.buffer(n as usize);
         if let Err(e) = s.export.storage().read_at(&mut buf, pos) {
             return Err(Stop::Fatal(format!("cannot read the image: {e}")));
         }
-        let zero = link.can_write_zeroes() && is_zero(&buf);
-        let sent = if zero {
-            link.send(Some((pos, n)), 0, Some(claim), None, |snd, c| {
-                snd.write_zeroes(c, pos, n, false)
-            })
+        let range = Some((pos, n));
+        let sent = if link.can_write_zeroes() && is_zero(&buf) {
+            link.recycle(buf);
+            let op = Op::Zeroes { off: pos, len: n };
+            link.send(range, 0, Some(claim), None, op, lane.class(), until)
         } else {
-            link.send(Some((pos, n)), n, Some(claim), None, |snd, c| {
-                snd.write(c, pos, &buf, false)
-            })
+            let op = Op::Write {
+                off: pos,
+                data: buf,
+            };
+            link.send(range, n, Some(claim), None, op, lane.class(), until)
         };
-        if !sent {
-            if end > pos + n {
-                s.dirty.mark(pos + n, end - pos - n);
-            }
-            return Err(link_failed(s, link));
+        if let Err(e) = sent {
+            s.dirty.mark(pos, end - pos);
+            return Err(match e {
+                NotSent::Failed => link_failed(s, link),
+                NotSent::NoRoom => Stop::Slow,
+            });
         }
-        s.sent(n);
         pos += n;
         if sweeping {
-            swept(s, pos);
+            s.progress().swept(pos);
         }
     }
     Ok(())
@@ -287,7 +415,7 @@ fn send_data(s: &Shared, link: &Link, off: u64, len: u64, sweeping: bool) -> Res
 /// Makes `[off, off + len)` zero on the destination, keeping it sparse when it can.
 fn send_zeroes(s: &Shared, link: &Link, off: u64, len: u64) -> Result<(), Stop> {
     if !link.can_write_zeroes() {
-        return send_data(s, link, off, len, true);
+        return send_data(s, link, off, len, true, Lane::COPY);
     }
     let end = off + len;
     let mut pos = off;
@@ -296,25 +424,29 @@ fn send_zeroes(s: &Shared, link: &Link, off: u64, len: u64) -> Result<(), Stop> 
             return Err(Stop::Stopped);
         }
         let n = (end - pos).min(MAX_ZEROES);
-        let Some(claim) = link.inflight.claim(pos, n) else {
+        let Some(claim) = link.inflight.claim(pos, n, None) else {
             return Err(link_failed(s, link));
         };
-        if !link.send(Some((pos, n)), 0, Some(claim), None, |snd, c| {
-            snd.write_zeroes(c, pos, n, false)
-        }) {
+        let op = Op::Zeroes { off: pos, len: n };
+        let class = Lane::COPY.class();
+        if link
+            .send(Some((pos, n)), 0, Some(claim), None, op, class, None)
+            .is_err()
+        {
             return Err(link_failed(s, link));
         }
-        s.sent(n);
         pos += n;
-        swept(s, pos);
+        s.progress().swept(pos);
     }
     Ok(())
 }
 
 /// Stops taking client requests, sends what is left, flushes the destination
-/// and hands the image over (or, with `nothing`, resumes service).
-fn handover(s: &Arc<Shared>, link: &Arc<Link>) -> Result<Done, Stop> {
-    s.set_phase(Phase::Handover);
+/// and hands the image over (or, with `nothing`, resumes service). Gives up
+/// with [`Stop::Slow`] (clients served again) when the destination needs
+/// more than `budget` for it.
+fn handover(s: &Arc<Shared>, link: &Arc<Link>, budget: Duration) -> Result<Done, Stop> {
+    s.progress().set_state(State::Handover);
     s.hooks.handover_started();
     let gate = s.export.gate();
     while !gate.close(Duration::from_millis(200)) {
@@ -323,14 +455,25 @@ fn handover(s: &Arc<Shared>, link: &Arc<Link>) -> Result<Done, Stop> {
             return Err(Stop::Stopped);
         }
     }
-    let r = finish_copy(s, link);
-    if let Err(e) = r {
+    let deadline = Instant::now() + budget;
+    if let Err(e) = finish_copy(s, link, deadline) {
         reopen(s);
         return Err(e);
     }
     if s.spec.action == MirrorAction::Nothing {
         reopen(s);
         return Ok(Done::Completed);
+    }
+    if link.is_oldstyle() {
+        // The listen-era C flexnbd takes control only after ENTRUST; later
+        // versions answer it as an empty read.
+        if let Err(e) = waited(s, link, link.entrust(Some(deadline))) {
+            reopen(s);
+            return Err(match e {
+                Stop::Retry(why) => Stop::Retry(format!("ENTRUST was not accepted: {why}")),
+                e => e,
+            });
+        }
     }
     if s.spec.action == MirrorAction::Unlink {
         match std::fs::remove_file(&s.spec.file) {
@@ -339,21 +482,21 @@ fn handover(s: &Arc<Shared>, link: &Arc<Link>) -> Result<Done, Stop> {
         }
     }
     s.observer.idle();
-    if let Err(e) = link.disconnect() {
+    if !link.disconnect() {
         // The destination may or may not have taken over: keep the data served here.
         reopen(s);
         return Err(Stop::Fatal(format!(
-            "sending the final disconnect failed ({e}); the destination may not have taken over"
+            "sending the final disconnect failed ({}); the destination may not have taken over",
+            link.failure().unwrap_or_default()
         )));
     }
     Ok(Done::HandedOver)
 }
 
-fn finish_copy(s: &Shared, link: &Link) -> Result<(), Stop> {
-    drain_dirty(s, link, 0)?;
-    if !link.flush() {
-        return Err(link_failed(s, link));
-    }
+fn finish_copy(s: &Shared, link: &Link, deadline: Instant) -> Result<(), Stop> {
+    pass(s, link, Lane::handover(deadline))?;
+    waited(s, link, link.drain(Some(deadline)))?;
+    waited(s, link, link.flush(Some(deadline)))?;
     if !s.dirty.is_clean() {
         return Err(Stop::Retry("image changed during the hand-over".into()));
     }

@@ -143,9 +143,42 @@ impl DirtyMap {
         None
     }
 
-    /// Bytes covered by dirty blocks (the last block counts in full).
+    /// Bytes of the image in dirty blocks (a short last block counts for
+    /// what it covers), never more than the image size.
     pub fn dirty_bytes(&self) -> u64 {
-        (self.dirty_blocks.load(SeqCst) << self.shift).min(self.size)
+        let n = self.dirty_blocks.load(SeqCst);
+        if n == 0 {
+            return 0;
+        }
+        let blocks = self.blocks();
+        let tail = (blocks << self.shift) - self.size;
+        let short = if blocks > 0 && self.is_set(blocks - 1) {
+            tail
+        } else {
+            0
+        };
+        ((n << self.shift) - short).min(self.size)
+    }
+
+    /// Bytes of the image before `pos` in dirty blocks (a block straddling
+    /// `pos` counts for its part before it). Walks the map: for status, not
+    /// for the data path.
+    pub fn dirty_bytes_below(&self, pos: u64) -> u64 {
+        let pos = pos.min(self.size);
+        let full = pos >> self.shift;
+        let mut n = 0u64;
+        if full > 0 {
+            self.for_words(0, full, |w, mask| {
+                n += (w.load(SeqCst) & mask).count_ones() as u64;
+            });
+        }
+        let part = pos - (full << self.shift);
+        let straddle = if part > 0 && self.is_set(full) {
+            part
+        } else {
+            0
+        };
+        (n << self.shift) + straddle
     }
 
     pub fn is_clean(&self) -> bool {
@@ -164,6 +197,9 @@ mod tests {
         assert!(m.take_after(0, 1 << 20).is_none());
         m.mark(5000, 10);
         assert_eq!(m.dirty_bytes(), 4096);
+        assert_eq!(m.dirty_bytes_below(4096), 0);
+        assert_eq!(m.dirty_bytes_below(5000), 5000 - 4096);
+        assert_eq!(m.dirty_bytes_below(1 << 30), 4096);
         m.mark(4096 * 10, 4096 * 3 + 1);
         assert_eq!(m.take_after(0, 1 << 20), Some((4096, 4096)));
         assert_eq!(m.take_after(0, 8192), Some((4096 * 10, 8192)));
@@ -176,6 +212,7 @@ mod tests {
         let m = DirtyMap::new(10_000, 4096);
         m.mark(0, 1);
         m.mark(9_999, 1);
+        assert_eq!(m.dirty_bytes(), 4096 + 10_000 - 8192);
         assert_eq!(m.take_after(5000, 1 << 20), Some((8192, 10_000 - 8192)));
         assert_eq!(m.take_after(9000, 1 << 20), None);
         assert_eq!(m.take_after(0, 1 << 20), Some((0, 4096)));
@@ -219,8 +256,12 @@ mod tests {
                     }
                 }
             }
-            let expected = model.iter().filter(|&&d| d).count() as u64;
-            prop_assert_eq!(m.dirty_bytes(), (expected * 4096).min(size));
+            let bytes_in = |end: u64| -> u64 {
+                (0..end).filter(|&x| model[(x / 4096) as usize]).count() as u64
+            };
+            prop_assert_eq!(m.dirty_bytes(), bytes_in(size));
+            let below = from.min(size);
+            prop_assert_eq!(m.dirty_bytes_below(below), bytes_in(below));
             let mut seen = vec![false; nblocks];
             let mut pos = from;
             let mut restarted = false;

@@ -4,6 +4,7 @@
 //! the dirty map instead of being forwarded.
 
 use std::sync::{Arc, Condvar, Mutex};
+use std::time::Instant;
 
 #[derive(Default)]
 struct State {
@@ -61,8 +62,9 @@ impl Inflight {
         Some(self.add(&mut s, off, end))
     }
 
-    /// Claims the range, waiting for overlapping claims to end. `None` once closed.
-    pub fn claim(self: &Arc<Self>, off: u64, len: u64) -> Option<Claim> {
+    /// Claims the range, waiting for overlapping claims to end (until
+    /// `until`, when given). `None` once closed or at the deadline.
+    pub fn claim(self: &Arc<Self>, off: u64, len: u64, until: Option<Instant>) -> Option<Claim> {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let end = off.saturating_add(len);
         loop {
@@ -72,8 +74,24 @@ impl Inflight {
             if !overlaps(&s, off, end) {
                 return Some(self.add(&mut s, off, end));
             }
-            s = self.cv.wait(s).unwrap_or_else(|p| p.into_inner());
+            s = match until {
+                None => self.cv.wait(s).unwrap_or_else(|p| p.into_inner()),
+                Some(t) => {
+                    let now = Instant::now();
+                    if now >= t {
+                        return None;
+                    }
+                    self.cv
+                        .wait_timeout(s, t - now)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0
+                }
+            };
         }
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).closed
     }
 
     /// Refuses further claims and wakes waiters.
@@ -114,7 +132,7 @@ mod tests {
         let f = Inflight::new();
         let a = f.try_claim(0, 100).unwrap();
         let f2 = f.clone();
-        let t = std::thread::spawn(move || f2.claim(50, 100).is_some());
+        let t = std::thread::spawn(move || f2.claim(50, 100, None).is_some());
         std::thread::sleep(Duration::from_millis(20));
         assert!(!t.is_finished());
         drop(a);
@@ -126,9 +144,20 @@ mod tests {
         let f = Inflight::new();
         let _a = f.try_claim(0, 100).unwrap();
         let f2 = f.clone();
-        let t = std::thread::spawn(move || f2.claim(0, 100).is_none());
+        let t = std::thread::spawn(move || f2.claim(0, 100, None).is_none());
         f.close();
         assert!(t.join().unwrap());
         assert!(f.try_claim(500, 1).is_none());
+        assert!(f.is_closed());
+    }
+
+    #[test]
+    fn claim_gives_up_at_its_deadline() {
+        let f = Inflight::new();
+        let _a = f.try_claim(0, 100).unwrap();
+        let soon = Instant::now() + Duration::from_millis(20);
+        assert!(f.claim(10, 10, Some(soon)).is_none());
+        assert!(!f.is_closed());
+        assert!(f.claim(100, 10, Some(Instant::now())).is_some());
     }
 }

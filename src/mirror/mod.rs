@@ -1,8 +1,14 @@
 //! Live migration, source side: copies the image to a destination server
 //! while clients keep using it, then hands the image over.
 //!
-//! [`planner`], [`dirty`] and [`inflight`] are the pure parts; `link`
-//! (connection), `observer` (client writes) and `copy` (the attempt loop) do I/O.
+//! [`planner`], [`dirty`], [`inflight`] and `progress` are the pure parts;
+//! `link` (connection), `observer` (client writes) and `copy` (the attempt
+//! loop) do I/O.
+//!
+//! [`Mirror::start`] returns at once with the migration registered, and its
+//! thread opens the first connection; [`Mirror::started`] waits for that
+//! outcome. So a `break` (or a signal) that comes while the source is still
+//! connecting or checking the greeting finds the migration and stops it.
 
 mod copy;
 pub mod dirty;
@@ -10,24 +16,28 @@ pub mod inflight;
 mod link;
 mod observer;
 pub mod planner;
+mod progress;
 
 use crate::addr::Endpoint;
-use crate::client::{ClientError, ConnectOptions, Connection};
+use crate::client::{Cancel, ClientError, ConnectOptions, Connection};
 use crate::control::{MigrationStatus, MirrorAction};
 use crate::export::Export;
 use dirty::DirtyMap;
 use link::Link;
 use observer::Observer;
-use planner::{seconds_left, RateLimit, SpeedMeter};
+use planner::RateLimit;
+use progress::Progress;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// Default time a destination has to answer a request.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default time a forwarded client write waits for the destination.
+pub const STALL_BUDGET: Duration = Duration::from_millis(250);
 
 /// What to migrate where.
 #[derive(Debug, Clone)]
@@ -42,6 +52,9 @@ pub struct Spec {
     pub file: PathBuf,
     /// How long the destination has to answer one request.
     pub request_timeout: Duration,
+    /// How long a forwarded client write waits for the destination before it
+    /// is acknowledged anyway and its blocks go back to the dirty map.
+    pub stall: Duration,
 }
 
 /// Why a migration could not start; the texts are the control socket replies.
@@ -55,6 +68,8 @@ pub enum StartError {
     NoResponse,
     #[error("Remote size does not match local size")]
     SizeMismatch,
+    #[error("Mirror was stopped before it started")]
+    Stopped,
 }
 
 /// How a started migration ended.
@@ -80,24 +95,6 @@ pub trait Hooks: Send + Sync {
     fn finished(&self, how: &Finish);
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
-    Sweep,
-    Passes,
-    Active,
-    Handover,
-}
-
-struct Progress {
-    started: Instant,
-    attempts: u32,
-    phase: Phase,
-    /// During the first sweep: bytes of the image not yet sent.
-    unswept: u64,
-    meter: SpeedMeter,
-    finish: Option<Finish>,
-}
-
 struct Shared {
     export: Arc<Export>,
     spec: Spec,
@@ -105,10 +102,15 @@ struct Shared {
     observer: Arc<Observer>,
     hooks: Arc<dyn Hooks>,
     stop: AtomicBool,
+    /// Abandons a connection attempt under way when stopped.
+    cancel: Arc<Cancel>,
     stop_lock: Mutex<()>,
     stop_cv: Condvar,
     limit: Mutex<RateLimit>,
     progress: Mutex<Progress>,
+    /// The first connection's outcome, once known.
+    start: Mutex<Option<Result<(), StartError>>>,
+    start_cv: Condvar,
     link: Mutex<Option<Arc<Link>>>,
     done_cv: Condvar,
 }
@@ -119,52 +121,60 @@ pub struct Mirror {
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
+/// A failed connection attempt: the control reply, and what happened.
+struct ConnectFailure {
+    kind: StartError,
+    detail: String,
+}
+
 /// Connects to the destination and checks its greeting and size.
-fn connect(spec: &Spec, size: u64) -> Result<Connection, StartError> {
+fn connect(s: &Shared) -> Result<Connection, ConnectFailure> {
+    let spec = &s.spec;
+    let size = s.export.size();
     let opts = ConnectOptions {
         bind: spec.bind,
         request_timeout: Some(spec.request_timeout),
+        migration: true,
+        cancel: Some(s.cancel.clone()),
         ..ConnectOptions::default()
     };
+    let fail = |kind, detail: String| {
+        warn!("migration to {}: {detail}", spec.dest);
+        ConnectFailure { kind, detail }
+    };
     let conn = Connection::connect(&Endpoint::Tcp(spec.dest), &opts).map_err(|e| {
-        warn!("migration to {}: {e}", spec.dest);
-        match e {
+        let kind = match e {
             ClientError::Connect { .. } => StartError::Connect,
+            ClientError::Cancelled => StartError::Stopped,
             // As the C flexnbd: a greeting that is not NBD counts as a rejection.
             ClientError::Rejected | ClientError::Closed | ClientError::BadGreeting(_) => {
                 StartError::Rejected
             }
             _ => StartError::NoResponse,
-        }
+        };
+        fail(kind, e.to_string())
     })?;
     if conn.size() != size {
-        warn!(
-            "migration to {}: remote size {} does not match local size {size}",
-            spec.dest,
+        let d = format!(
+            "remote size {} does not match local size {size}",
             conn.size()
         );
-        return Err(StartError::SizeMismatch);
+        return Err(fail(StartError::SizeMismatch, d));
     }
     if conn.info().read_only() {
-        warn!("migration to {}: the destination is read-only", spec.dest);
-        return Err(StartError::Rejected);
+        let d = "the destination is read-only".to_string();
+        return Err(fail(StartError::Rejected, d));
     }
     Ok(conn)
 }
 
 impl Mirror {
-    /// Connects to the destination (reporting failure at once) and starts
-    /// copying on a thread of its own.
-    pub fn start(
-        export: Arc<Export>,
-        spec: Spec,
-        hooks: Arc<dyn Hooks>,
-    ) -> Result<Arc<Mirror>, StartError> {
+    /// Registers a migration and starts its thread, which connects to the
+    /// destination; [`started`](Self::started) tells how that went.
+    pub fn start(export: Arc<Export>, spec: Spec, hooks: Arc<dyn Hooks>) -> Arc<Mirror> {
         let size = export.size();
-        let conn = connect(&spec, size)?;
         let dirty = Arc::new(DirtyMap::new(size, dirty::block_size_for(size)));
-        let observer = Observer::new(dirty.clone());
-        export.set_observer(Some(observer.clone()));
+        let observer = Observer::new(dirty.clone(), spec.stall);
         let shared = Arc::new(Shared {
             limit: Mutex::new(RateLimit::new(spec.max_bps)),
             export,
@@ -173,63 +183,71 @@ impl Mirror {
             observer,
             hooks,
             stop: AtomicBool::new(false),
+            cancel: Cancel::new(),
             stop_lock: Mutex::new(()),
             stop_cv: Condvar::new(),
-            progress: Mutex::new(Progress {
-                started: Instant::now(),
-                attempts: 0,
-                phase: Phase::Sweep,
-                unswept: size,
-                meter: SpeedMeter::new(Duration::from_secs(5)),
-                finish: None,
-            }),
+            progress: Mutex::new(Progress::new(Instant::now())),
+            start: Mutex::new(None),
+            start_cv: Condvar::new(),
             link: Mutex::new(None),
             done_cv: Condvar::new(),
         });
         let s2 = shared.clone();
         let thread = std::thread::Builder::new()
             .name("mirror".into())
-            .spawn(move || copy::run(s2, conn))
-            .map_err(|e| {
+            .spawn(move || copy::run(s2));
+        let thread = match thread {
+            Ok(t) => Some(t),
+            Err(e) => {
                 warn!("cannot start the migration thread: {e}");
-                StartError::NoResponse
-            })?;
-        info!("migration to {} started", shared.spec.dest);
-        Ok(Arc::new(Mirror {
+                shared.set_start(Err(StartError::NoResponse));
+                let mut p = shared.progress();
+                p.finish = Some(Finish::Failed(format!("no migration thread: {e}")));
+                None
+            }
+        };
+        Arc::new(Mirror {
             shared,
-            thread: Mutex::new(Some(thread)),
-        }))
+            thread: Mutex::new(thread),
+        })
+    }
+
+    /// Waits until the first connection is up (the migration has started) or
+    /// has failed (the migration is over, nothing was changed).
+    pub fn started(&self) -> Result<(), StartError> {
+        let mut st = self.shared.start.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(r) = &*st {
+                return r.clone();
+            }
+            st = self
+                .shared
+                .start_cv
+                .wait(st)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Whether the first connection is up.
+    pub fn is_started(&self) -> bool {
+        matches!(
+            *self.shared.start.lock().unwrap_or_else(|e| e.into_inner()),
+            Some(Ok(()))
+        )
     }
 
     /// The status keys of a running migration.
     pub fn status(&self) -> MigrationStatus {
         let s = &self.shared;
-        let now = Instant::now();
-        let mut p = s.progress.lock().unwrap_or_else(|e| e.into_inner());
-        let started = p.started;
-        let speed = p.meter.rate(now, started);
-        let unswept = if p.phase == Phase::Sweep {
-            p.unswept
-        } else {
-            0
-        };
-        let bytes_left = unswept + s.dirty.dirty_bytes();
         let limit = s.limit.lock().unwrap_or_else(|e| e.into_inner()).limit();
-        // Under a limit, the limit bounds the speed to expect (and stands in
-        // for it before there is a measurement).
-        let expected = match limit {
-            Some(l) if speed == 0 => l,
-            Some(l) => speed.min(l),
-            None => speed,
-        };
-        MigrationStatus {
-            speed,
-            duration: now.duration_since(p.started).as_secs(),
-            seconds_left: seconds_left(bytes_left, expected),
-            bytes_left,
-            speed_limit: limit,
-            attempts: p.attempts,
-        }
+        let dirty = s.dirty.dirty_bytes();
+        s.progress().status(
+            Instant::now(),
+            s.export.size(),
+            dirty,
+            |pos| s.dirty.dirty_bytes_below(pos),
+            limit,
+        )
     }
 
     /// Changes the speed limit (0 removes it).
@@ -244,21 +262,12 @@ impl Mirror {
 
     /// How it ended, once it has.
     pub fn finish(&self) -> Option<Finish> {
-        self.shared
-            .progress
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .finish
-            .clone()
+        self.shared.progress().finish.clone()
     }
 
     /// Waits until the migration has ended.
     pub fn wait(&self) -> Finish {
-        let mut p = self
-            .shared
-            .progress
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut p = self.shared.progress();
         loop {
             if let Some(f) = &p.finish {
                 return f.clone();
@@ -271,9 +280,11 @@ impl Mirror {
         }
     }
 
-    /// Stops the migration and waits until the server is back to normal service.
+    /// Stops the migration (also while it is still connecting) and waits
+    /// until the server is back to normal service.
     pub fn stop(&self) {
         self.shared.stop.store(true, SeqCst);
+        self.shared.cancel.cancel();
         self.shared.wake();
         if let Some(l) = self
             .shared
@@ -294,6 +305,15 @@ impl Mirror {
 impl Shared {
     fn stopped(&self) -> bool {
         self.stop.load(SeqCst)
+    }
+
+    fn progress(&self) -> MutexGuard<'_, Progress> {
+        self.progress.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn set_start(&self, r: Result<(), StartError>) {
+        *self.start.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+        self.start_cv.notify_all();
     }
 
     fn wake(&self) {
@@ -319,15 +339,8 @@ impl Shared {
         true
     }
 
-    fn set_phase(&self, phase: Phase) {
-        self.progress
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .phase = phase;
-    }
-
+    /// The destination confirmed `bytes` of the copy.
     fn sent(&self, bytes: u64) {
-        let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
-        p.meter.add(bytes, Instant::now());
+        self.progress().sent(bytes, Instant::now());
     }
 }

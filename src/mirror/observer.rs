@@ -1,11 +1,19 @@
 //! How a migration sees client writes: first only as dirty blocks, then, in
-//! active mirroring, forwarded to the destination before they are acknowledged.
+//! active mirroring, forwarded to the destination before they are
+//! acknowledged. A forwarded write waits while the destination keeps
+//! confirming requests (a slow destination paces the guest, so the copy
+//! converges), but once the destination has confirmed nothing for the stall
+//! budget it is taken as stalled: the write is acknowledged anyway (it is on
+//! the source) and its blocks go back to the dirty map, so a hung
+//! destination cannot stall the guest. Its request stays in flight, holding
+//! its blocks, so at most one write per block is ever in flight.
 
 use super::dirty::DirtyMap;
-use super::link::{Link, Waiter};
+use super::link::{Class, Link, Op, Waiter};
 use crate::export::ChangeObserver;
 use std::sync::atomic::{AtomicU8, Ordering::SeqCst};
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 const IDLE: u8 = 0;
 const TRACKING: u8 = 1;
@@ -16,14 +24,17 @@ pub struct Observer {
     mode: AtomicU8,
     dirty: Arc<DirtyMap>,
     link: RwLock<Option<Arc<Link>>>,
+    /// How long a forwarded write waits for the destination.
+    stall: Duration,
 }
 
 impl Observer {
-    pub fn new(dirty: Arc<DirtyMap>) -> Arc<Observer> {
+    pub fn new(dirty: Arc<DirtyMap>, stall: Duration) -> Arc<Observer> {
         Arc::new(Observer {
             mode: AtomicU8::new(IDLE),
             dirty,
             link: RwLock::new(None),
+            stall,
         })
     }
 
@@ -50,8 +61,13 @@ impl Observer {
         self.mode.store(IDLE, SeqCst);
     }
 
+    /// True when the destination confirmed the change within the budget.
     fn forward_change(&self, link: &Link, off: u64, len: u64, data: Option<&[u8]>) -> bool {
         if data.is_none() && !link.can_write_zeroes() {
+            return false;
+        }
+        // Already stalled: do not even wait.
+        if link.quiet_for(std::time::Instant::now()) >= self.stall {
             return false;
         }
         // Only one write per block may be in flight; otherwise leave it to the copier.
@@ -59,19 +75,44 @@ impl Observer {
             return false;
         };
         let waiter = Arc::new(Waiter::default());
-        let bytes = data.map_or(0, |d| d.len() as u64);
-        let sent = link.send(
-            Some((off, len)),
-            bytes,
-            Some(claim),
-            Some(waiter.clone()),
-            |s, c| match data {
-                Some(d) => s.write(c, off, d, false),
-                None => s.write_zeroes(c, off, len, false),
-            },
-        );
-        // On failure the link has already marked the range dirty.
-        sent && waiter.wait()
+        let (op, bytes) = match data {
+            Some(d) => {
+                let mut b = link.buffer(d.len());
+                b.copy_from_slice(d);
+                (Op::Write { off, data: b }, d.len() as u64)
+            }
+            None => (Op::Zeroes { off, len }, 0),
+        };
+        // No room in the window: the destination is behind; do not wait for it.
+        let range = Some((off, len));
+        let now = Some(std::time::Instant::now());
+        let class = Class::Urgent;
+        if link
+            .send(
+                range,
+                bytes,
+                Some(claim),
+                Some(waiter.clone()),
+                op,
+                class,
+                now,
+            )
+            .is_err()
+        {
+            return false;
+        }
+        let mut slice = self.stall;
+        loop {
+            if let Some(ok) = waiter.wait_for(slice) {
+                return ok;
+            }
+            // Has the destination confirmed nothing for the whole budget?
+            let quiet = link.quiet_for(std::time::Instant::now());
+            if quiet >= self.stall {
+                return false;
+            }
+            slice = self.stall - quiet;
+        }
     }
 }
 

@@ -8,6 +8,7 @@
 #![allow(dead_code)]
 
 pub mod migration;
+pub mod proxy;
 #[allow(unused_imports)]
 pub use migration::*;
 
@@ -42,6 +43,8 @@ pub const SIGINT: i32 = 2;
 pub const SIGQUIT: i32 = 3;
 pub const SIGKILL: i32 = 9;
 pub const SIGTERM: i32 = 15;
+pub const SIGCONT: i32 = 18;
+pub const SIGSTOP: i32 = 19;
 
 // ---------------------------------------------------------------- signals
 
@@ -1565,8 +1568,9 @@ pub fn accepts(addr: SocketAddr) -> bool {
 /// connection fails) and writes a JSON report: the last acknowledged write of
 /// every block, the writes whose outcome is unknown or failed after it,
 /// failure counts by errno, the first failure, whether any write succeeded
-/// after the first failure, and [epoch, acknowledged] marks every 200
-/// acknowledgements. argv: URI REPORT QD SEED STARTED-FLAG (created after
+/// after the first failure, [epoch, acknowledged] marks every 200
+/// acknowledgements, and [issued at, latency] of every write that took over
+/// 100 ms. argv: URI REPORT QD SEED STARTED-FLAG (created after
 /// 2000 acknowledgements).
 pub const LOAD_WRITER: &str = r#"
 import random, struct, time
@@ -1583,6 +1587,7 @@ first_fail = None      # [epoch, errno, message, server_side]
 late_ok = []           # [acknowledged at, issued at, id, block] of successes after first_fail
 fails = {}             # "errno/server_side" -> count
 marks = []             # [epoch, n_ok] every 200 acknowledgements
+slow = []              # [issued at, latency] of writes that took over 100 ms
 next_id = 1
 dead = None
 t0 = time.time()
@@ -1600,6 +1605,8 @@ def retire(c):
     except nbd.Error as e:
         err = (e.errnum, e.string or "", "command failed" in (e.string or ""))
     now = time.time()
+    if now - issued > 0.1 and len(slow) < 5000:
+        slow.append([issued, now - issued])
     if err is None:
         n_ok += 1
         if first_fail is not None:
@@ -1654,7 +1661,7 @@ for c, (b, wid, _, _) in list(inflight.items()):
 with open(outpath, "w") as f:
     json.dump({"last_ok": last_ok, "unsure": unsure, "n_ok": n_ok, "n_fail": n_fail,
                "ok_after_fail": ok_after_fail, "late_ok": late_ok, "first_fail": first_fail, "fails": fails,
-               "marks": marks, "dead": dead, "issued": next_id - 1, "t0": t0,
+               "marks": marks, "slow": slow, "dead": dead, "issued": next_id - 1, "t0": t0,
                "t1": time.time()}, f)
 "#;
 
@@ -1716,6 +1723,18 @@ impl LoadWriter {
         let text = std::fs::read_to_string(&self.report).expect("writer report");
         serde_json::from_str(&text).expect("writer report JSON")
     }
+}
+
+/// The worst latency (seconds) of a write issued in `[from, to]` (epoch
+/// seconds), from the report's slow writes; 0.1 when none took longer.
+pub fn load_worst_latency(r: &serde_json::Value, from: f64, to: f64) -> f64 {
+    r["slow"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|w| (from..=to).contains(&w[0].as_f64().unwrap()))
+        .map(|w| w[1].as_f64().unwrap())
+        .fold(0.1, f64::max)
 }
 
 /// Acknowledged writes after epoch time `t` (from the report's marks; to

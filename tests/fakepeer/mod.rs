@@ -1,11 +1,13 @@
 //! Fake NBD peers for the migration fault tests, written from the protocol
 //! text (independent of the crate's encoders):
 //!
-//! - [`FakeDest`]: a destination server (fixed newstyle or old-style) that
-//!   keeps an in-memory image, records what each connection sent, and
-//!   misbehaves at one configured point per connection ([`Fault`]);
+//! - [`FakeDest`]: a destination server (fixed newstyle, or old-style as
+//!   either era of the C flexnbd: [`Era`]) that keeps an in-memory image,
+//!   records what each connection sent, and misbehaves at one configured
+//!   point per connection ([`Fault`]);
 //! - [`Sender`]: a hand-driven migration sender for `flexnbd listen` that can
-//!   stop at any byte.
+//!   stop at any byte, and [`c_source`], a sender that migrates an image the
+//!   way each era of the C flexnbd does.
 //!
 //! Everything is bounded: sockets have timeouts, hanging connections are shut
 //! down when the fake is dropped, threads are joined.
@@ -35,6 +37,20 @@ pub const FLAG_SEND_TRIM: u16 = 32;
 pub const FLAG_SEND_WRITE_ZEROES: u16 = 64;
 /// What the C flexnbd advertises (old-style): has-flags, flush, FUA.
 pub const C_FLAGS: u16 = 0x0d;
+/// The listen-era C flexnbd's ENTRUST request: its 32-bit type field.
+pub const ENTRUST_TYPE: u32 = 0x0001_0000;
+
+/// Which C flexnbd an old-style fake (or [`c_source`]) behaves as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Era {
+    /// Mid-2012, the listen/rebind era: a 32-bit request type; ENTRUST
+    /// (`0x10000`) is answered with error 0 and marks the connection
+    /// entrusted; only a DISC on an entrusted connection hands the image over.
+    ListenRebind,
+    /// 0.5.0: 16-bit flags and type, so ENTRUST reads as a zero-length READ
+    /// with FUA (answered with success); a DISC after the data hands over.
+    V050,
+}
 
 /// How long a fake waits for a peer's bytes before giving up on it.
 const PEER_TIMEOUT: Duration = Duration::from_secs(120);
@@ -107,6 +123,10 @@ pub enum Fault {
     /// Serves correctly until [`FakeDest::trip`], then stops reading and
     /// replying at the next request (socket stays open).
     HangWhenTripped,
+    /// (Listen era) answers ENTRUST with this error.
+    ErrorAtEntrust(u32),
+    /// (Listen era) closes when ENTRUST arrives, without replying.
+    CloseAtEntrust,
 }
 
 /// How a [`FakeDest`] behaves.
@@ -115,6 +135,8 @@ pub struct DestConfig {
     pub size: u64,
     /// Old-style greeting (152 bytes) instead of fixed newstyle.
     pub oldstyle: bool,
+    /// How an old-style fake reads request types and when it takes control.
+    pub era: Era,
     /// Transmission flags advertised.
     pub flags: u16,
     /// Fault of connection i (0-based); connections beyond use `then`.
@@ -128,6 +150,7 @@ impl DestConfig {
         DestConfig {
             size,
             oldstyle: false,
+            era: Era::V050,
             flags: FLAG_HAS_FLAGS
                 | FLAG_SEND_FLUSH
                 | FLAG_SEND_FUA
@@ -138,12 +161,21 @@ impl DestConfig {
         }
     }
 
-    /// An old-style destination like the C flexnbd (flags 0x0D).
+    /// An old-style destination like the C flexnbd 0.5.0 (flags 0x0D).
     pub fn oldstyle(size: u64) -> DestConfig {
         DestConfig {
             oldstyle: true,
             flags: C_FLAGS,
             ..DestConfig::newstyle(size)
+        }
+    }
+
+    /// An old-style destination like the listen-era C flexnbd: it takes
+    /// control only after ENTRUST and DISC.
+    pub fn listen_era(size: u64) -> DestConfig {
+        DestConfig {
+            era: Era::ListenRebind,
+            ..DestConfig::oldstyle(size)
         }
     }
 
@@ -175,7 +207,15 @@ pub struct ConnRecord {
     pub zero_bytes: u64,
     pub flushes: u64,
     pub reads: u64,
+    /// ENTRUST requests seen (listen era) and answered with success.
+    pub entrusts: u64,
+    pub entrusted: bool,
+    /// A zero-length READ with FUA (how 0.5.0 reads ENTRUST) came before DISC.
+    pub empty_fua_read: bool,
     pub disc: bool,
+    /// What came in, in order: "W" write, "Z" write zeroes, "F" flush, "E"
+    /// ENTRUST, "D" DISC (consecutive repeats collapsed).
+    pub sequence: String,
     /// Bytes of the image this connection's WRITEs and WRITE_ZEROES covered.
     pub covered: u64,
     /// How it ended.
@@ -185,7 +225,8 @@ pub struct ConnRecord {
 struct State {
     data: Vec<u8>,
     conns: Vec<ConnRecord>,
-    /// Image contents when a connection sent DISC having covered everything.
+    /// Image contents when a connection handed the image over: DISC having
+    /// covered everything (after ENTRUST, in the listen era).
     completed: Option<Vec<u8>>,
 }
 
@@ -333,22 +374,38 @@ impl Drop for FakeDest {
     }
 }
 
-/// Merged coverage of ranges within `[0, size)`.
-fn covered(ranges: &[(u64, u64)], size: u64) -> u64 {
-    let mut m: BTreeMap<u64, u64> = BTreeMap::new();
-    for &(o, l) in ranges {
-        let e = m.entry(o).or_insert(0);
-        *e = (*e).max(l);
-    }
-    let (mut total, mut reach) = (0u64, 0u64);
-    for (o, l) in m {
-        let (s, e) = (o.max(reach).min(size), (o + l).min(size));
-        if e > s {
-            total += e - s;
+/// The bytes a connection's writes covered: disjoint merged ranges
+/// (start -> end), kept merged as writes arrive.
+#[derive(Default)]
+struct Covered(BTreeMap<u64, u64>);
+
+impl Covered {
+    fn add(&mut self, off: u64, len: u64) {
+        if len == 0 {
+            return;
         }
-        reach = reach.max(o + l);
+        let (mut start, mut end) = (off, off + len);
+        if let Some((&s, &e)) = self.0.range(..=start).next_back() {
+            if e >= start {
+                start = s;
+                end = end.max(e);
+                self.0.remove(&s);
+            }
+        }
+        while let Some((&s, &e)) = self.0.range(start..=end).next() {
+            end = end.max(e);
+            self.0.remove(&s);
+        }
+        self.0.insert(start, end);
     }
-    total
+
+    /// Bytes covered within `[0, size)`.
+    fn within(&self, size: u64) -> u64 {
+        self.0
+            .iter()
+            .map(|(&s, &e)| e.min(size).saturating_sub(s.min(size)))
+            .sum()
+    }
 }
 
 impl Inner {
@@ -357,6 +414,15 @@ impl Inner {
         f(&mut st.conns[n]);
         drop(st);
         self.cv.notify_all();
+    }
+
+    /// Appends a request kind to the connection's sequence (collapsing repeats).
+    fn note(&self, n: usize, c: char) {
+        self.record(n, |r| {
+            if !r.sequence.ends_with(c) {
+                r.sequence.push(c);
+            }
+        });
     }
 
     /// Blocks (without reading) until the fake is dropped.
@@ -485,7 +551,7 @@ impl Inner {
         size: u64,
     ) -> std::io::Result<String> {
         let mut writes = 0u64;
-        let mut ranges: Vec<(u64, u64)> = Vec::new();
+        let mut ranges = Covered::default();
         let mut payload = Vec::new();
         loop {
             let mut h = [0u8; 28];
@@ -511,11 +577,30 @@ impl Inner {
             }
             let cmd = be16(&h, 6);
             let cookie = be64(&h, 8);
+            if self.cfg.oldstyle && self.cfg.era == Era::ListenRebind && be32(&h, 4) == ENTRUST_TYPE
+            {
+                self.note(n, 'E');
+                match fault {
+                    Fault::CloseAtEntrust => return Ok("closed at ENTRUST".into()),
+                    Fault::ErrorAtEntrust(e) => {
+                        s.write_all(&simple_reply(*e, cookie))?;
+                        continue;
+                    }
+                    _ => {}
+                }
+                self.record(n, |r| {
+                    r.entrusts += 1;
+                    r.entrusted = true;
+                });
+                s.write_all(&simple_reply(0, cookie))?;
+                continue;
+            }
             let off = be64(&h, 16);
             let len = be32(&h, 24) as u64;
             let in_range = off.checked_add(len).is_some_and(|e| e <= self.cfg.size);
             match cmd {
                 CMD_WRITE | CMD_WRITE_ZEROES => {
+                    self.note(n, if cmd == CMD_WRITE { 'W' } else { 'Z' });
                     if cmd == CMD_WRITE {
                         payload.resize(len as usize, 0);
                         s.read_exact(&mut payload)?;
@@ -552,9 +637,9 @@ impl Inner {
                         0
                     };
                     if err == 0 {
-                        ranges.push((off, len));
+                        ranges.add(off, len);
                     }
-                    let cov = covered(&ranges, self.cfg.size);
+                    let cov = ranges.within(self.cfg.size);
                     self.record(n, |r| {
                         r.writes = this;
                         if cmd == CMD_WRITE {
@@ -572,7 +657,11 @@ impl Inner {
                     s.write_all(&simple_reply(err, reply_cookie))?;
                 }
                 CMD_READ => {
-                    self.record(n, |r| r.reads += 1);
+                    let fua_empty = be16(&h, 4) == 1 && len == 0;
+                    self.record(n, |r| {
+                        r.reads += 1;
+                        r.empty_fua_read |= fua_empty;
+                    });
                     if !in_range || len > 32 << 20 {
                         s.write_all(&simple_reply(EINVAL, cookie))?;
                     } else {
@@ -584,6 +673,7 @@ impl Inner {
                     }
                 }
                 CMD_FLUSH => {
+                    self.note(n, 'F');
                     self.record(n, |r| r.flushes += 1);
                     match fault {
                         Fault::CloseAtFlush => return Ok("closed at the flush".into()),
@@ -607,10 +697,14 @@ impl Inner {
                     s.write_all(&simple_reply(if in_range { 0 } else { EINVAL }, cookie))?;
                 }
                 CMD_DISC => {
-                    let complete = covered(&ranges, self.cfg.size) == self.cfg.size;
+                    self.note(n, 'D');
+                    let mut complete = ranges.within(self.cfg.size) == self.cfg.size;
                     {
                         let mut st = self.state.lock().unwrap();
                         st.conns[n].disc = true;
+                        if self.cfg.oldstyle && self.cfg.era == Era::ListenRebind {
+                            complete &= st.conns[n].entrusted;
+                        }
                         if complete && size == self.cfg.size {
                             st.completed = Some(st.data.clone());
                         }
@@ -782,4 +876,33 @@ impl Sender {
     pub fn disc(&mut self) {
         self.send(&request(CMD_DISC, 0, 0xd15c, 0, 0));
     }
+
+    /// ENTRUST (the listen-era hand-over request) and its reply's error.
+    pub fn entrust(&mut self, cookie: u64) -> u32 {
+        let mut h = request(0, 0, cookie, 0, 0);
+        h[4..8].copy_from_slice(&ENTRUST_TYPE.to_be_bytes());
+        self.send(&h);
+        let (e, c) = self.reply();
+        assert_eq!(c, cookie, "ENTRUST's handle echoed");
+        e
+    }
+}
+
+/// Migrates `image` into the old-style server at `addr` as the C flexnbd
+/// of `era` does: the 152-byte greeting (size checked), every byte of the
+/// image as WRITEs of at most 8 MiB (holes included, as zero data), then
+/// ENTRUST and its successful reply (listen era only), then DISC.
+pub fn c_source(addr: SocketAddr, image: &[u8], era: Era) {
+    let mut s = Sender::connect(addr);
+    match s.greeting() {
+        Greeting::Oldstyle { size, .. } => assert_eq!(size, image.len() as u64, "size"),
+        g => panic!("the C flexnbd needs an old-style greeting, got {g:?}"),
+    }
+    s.write_all_pipelined(image, 8 << 20);
+    if era == Era::ListenRebind {
+        assert_eq!(s.entrust(0xe7), 0, "ENTRUST refused");
+    }
+    s.disc();
+    let rest = s.read_to_close().expect("closed after DISC");
+    assert!(rest.is_empty(), "{} bytes after DISC", rest.len());
 }
