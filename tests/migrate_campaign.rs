@@ -189,6 +189,8 @@ fn destination(p: &Paths, port: Option<u16>) -> Server {
 }
 
 const MIRROR_SPEED: &[&str] = &["--max-speed", "100000000"];
+/// Write ids of the writer on a restarted source start here.
+const LATER_IDS: u64 = 1 << 40;
 
 /// Sleeps until `t` (the fault's planned moment: the fault itself, not a
 /// readiness wait).
@@ -272,7 +274,7 @@ fn one_run(seed: u64, size: u64, fault: Fault) -> Outcome {
             src.kill();
             std::thread::sleep(down);
             src = source(&p);
-            writers.push(LoadWriter::start(&src.uri(), 8, seed + 1000));
+            writers.push(LoadWriter::start_from(&src.uri(), 8, seed + 1000, LATER_IDS));
             mirror_cmd(src.ctl(), proxy.addr, MIRROR_SPEED).expect_success("mirror again");
             poller = StatusPoller::start(src.ctl());
             (from, Instant::now())
@@ -315,7 +317,11 @@ fn one_run(seed: u64, size: u64, fault: Fault) -> Outcome {
     for (i, w) in writers.iter_mut().enumerate() {
         let r = w.finish(Duration::from_secs(30));
         acked += r["n_ok"].as_u64().unwrap();
-        checked += check_acknowledged_writes(&r, |b| read_file_at(&p.dst_file, b * 4096, 4096));
+        let read = |b| read_file_at(&p.dst_file, b * 4096, 4096);
+        checked += match i + 1 == n {
+            true => check_acknowledged_writes(&r, read),
+            false => check_acknowledged_writes_before(&r, read, LATER_IDS),
+        };
         worst_latency = worst_latency.max(load_worst_latency(&r, fault_start, fault_end_epoch));
         // A killed source's writer fails at the kill; the last writer only
         // sees its connection dropped at the hand-over.

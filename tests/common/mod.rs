@@ -1571,10 +1571,11 @@ pub fn accepts(addr: SocketAddr) -> bool {
 /// after the first failure, [epoch, acknowledged] marks every 200
 /// acknowledgements, and [issued at, latency] of every write that took over
 /// 100 ms. argv: URI REPORT QD SEED STARTED-FLAG (created after
-/// 2000 acknowledgements).
+/// 2000 acknowledgements) [FIRST-ID (1)].
 pub const LOAD_WRITER: &str = r#"
 import random, struct, time
 uri, outpath, qd, seed, flag = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+first_id = int(sys.argv[6]) if len(sys.argv) > 6 else 1
 h = connect(uri)
 nblocks = h.get_size() // 4096
 rng = random.Random(seed)
@@ -1588,7 +1589,7 @@ late_ok = []           # [acknowledged at, issued at, id, block] of successes af
 fails = {}             # "errno/server_side" -> count
 marks = []             # [epoch, n_ok] every 200 acknowledgements
 slow = []              # [issued at, latency] of writes that took over 100 ms
-next_id = 1
+next_id = first_id
 dead = None
 t0 = time.time()
 
@@ -1661,7 +1662,7 @@ for c, (b, wid, _, _) in list(inflight.items()):
 with open(outpath, "w") as f:
     json.dump({"last_ok": last_ok, "unsure": unsure, "n_ok": n_ok, "n_fail": n_fail,
                "ok_after_fail": ok_after_fail, "late_ok": late_ok, "first_fail": first_fail, "fails": fails,
-               "marks": marks, "slow": slow, "dead": dead, "issued": next_id - 1, "t0": t0,
+               "marks": marks, "slow": slow, "dead": dead, "issued": next_id - first_id, "t0": t0,
                "t1": time.time()}, f)
 "#;
 
@@ -1687,6 +1688,13 @@ impl LoadWriter {
     /// Starts the writer on `uri` and waits until it has 2000 writes acknowledged.
     #[track_caller]
     pub fn start(uri: &str, qd: u32, seed: u64) -> LoadWriter {
+        LoadWriter::start_from(uri, qd, seed, 1)
+    }
+
+    /// Like [`start`](Self::start), numbering its writes from `first_id`
+    /// (so a second writer's writes can be told from the first one's).
+    #[track_caller]
+    pub fn start_from(uri: &str, qd: u32, seed: u64, first_id: u64) -> LoadWriter {
         let dir = tempdir();
         let report = dir.path().join("writer.json");
         let flag = dir.path().join("writer.started");
@@ -1698,6 +1706,7 @@ impl LoadWriter {
                 qd.to_string(),
                 seed.to_string(),
                 flag.display().to_string(),
+                first_id.to_string(),
             ],
         );
         assert!(
@@ -1794,7 +1803,19 @@ pub fn check_load_failures(r: &serde_json::Value, not_before: f64) {
 #[track_caller]
 pub fn check_acknowledged_writes(
     r: &serde_json::Value,
+    read_block: impl FnMut(u64) -> Vec<u8>,
+) -> u64 {
+    check_acknowledged_writes_before(r, read_block, u64::MAX)
+}
+
+/// Like [`check_acknowledged_writes`] for a writer followed by another
+/// whose write ids start at `later_ids`: a block may also hold a write of
+/// the later one (to that block), which superseded this one's.
+#[track_caller]
+pub fn check_acknowledged_writes_before(
+    r: &serde_json::Value,
     mut read_block: impl FnMut(u64) -> Vec<u8>,
+    later_ids: u64,
 ) -> u64 {
     let unsure: std::collections::HashMap<u64, Vec<u64>> = r["unsure"]
         .as_object()
@@ -1817,6 +1838,11 @@ pub fn check_acknowledged_writes(
         let wid = wid.as_u64().unwrap();
         let got = read_block(b);
         let acked = load_block(wid, b);
+        let id = be64(&got, 0);
+        if id >= later_ids && got == load_block(id, b) {
+            checked += 1;
+            continue;
+        }
         match unsure.get(&b) {
             None => assert!(
                 got == acked,
