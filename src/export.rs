@@ -255,10 +255,10 @@ impl Gate {
                 return Ok(Pass(self));
             }
             self.leave();
-            let mut g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-            while self.closed.load(SeqCst) && !self.shutdown.load(SeqCst) {
-                g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner());
-            }
+            let g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+            let _ = crate::wait::until(&self.cv, g, None, |_| {
+                !self.closed.load(SeqCst) || self.shutdown.load(SeqCst)
+            });
             if self.shutdown.load(SeqCst) {
                 return Err(Error::Shutdown);
             }
@@ -276,20 +276,9 @@ impl Gate {
     /// Returns whether none is left in flight.
     pub fn close(&self, timeout: Duration) -> bool {
         self.closed.store(true, SeqCst);
-        let deadline = Instant::now() + timeout;
-        let mut g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-        while self.inflight.load(SeqCst) > 0 {
-            let now = Instant::now();
-            if now >= deadline {
-                return false;
-            }
-            g = self
-                .cv
-                .wait_timeout(g, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
-        true
+        let g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let deadline = Some(Instant::now() + timeout);
+        crate::wait::until(&self.cv, g, deadline, |_| self.inflight.load(SeqCst) == 0).1
     }
 
     /// Admits requests again.

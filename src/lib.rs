@@ -1,14 +1,29 @@
 //! flexnbd: a fast NBD server with live migration.
 //!
 //! Layers, top to bottom (a layer never reaches up):
-//! - [`cli`]: one module per subcommand, argument parsing and `run()`.
-//! - [`daemon`]: wiring of export, listeners, control socket, mirror, signals.
-//! - [`server`]: listeners, ACL at accept, one session per connection.
-//! - [`control`]: control socket grammar and loop.
+//! - [`cli`]: one module per subcommand, argument parsing and `run()`:
+//!   `serve`, `listen`, `mirror` (`--wait`), `mirror-speed`, `break`, `acl`,
+//!   `status`, `read`, `write`.
+//! - [`daemon`]: wiring of export, listeners, control socket, mirror,
+//!   signals, shutdown; `daemon::state` answers the control commands.
+//! - [`incoming`]: the destination of a migration (`listen`): the
+//!   `FILE.INCOMPLETE` marker, the one sender slot (a silent sender is
+//!   replaced), and the rule for when the image has arrived.
+//! - [`server`]: listeners, ACL at accept, handshake, one session per
+//!   connection; `server::intake` is the hook [`incoming`] plugs into.
+//! - [`control`]: control socket grammar (`status`, `acl`, `mirror`,
+//!   `mirror_max_bps`, `break`, `mirror_wait`) and loop, and the CLI side.
+//! - [`mirror`]: a migration, source side. Steps, in `mirror::copy`: connect
+//!   (cancellable) → sweep → passes over the dirty map → active mirroring
+//!   (`mirror::observer` forwards client writes) → hand-over (gate closed,
+//!   rest sent, flush, ENTRUST to old-style destinations, DISC); any failure
+//!   retries from scratch with back-off.
 //! - [`client`]: NBD client used by `read`, `write` and the mirror.
-//! - [`export`]: the served image: storage, dirty tracking, request gate.
-//! - [`storage`]: positional file I/O, holes and extents.
+//! - [`export`]: the served image: storage, request gate, change observer.
+//! - [`storage`]: positional file I/O, holes and extents, the image lock.
 //! - [`proto`]: the NBD wire format, no I/O.
+//! - [`net`], [`addr`], [`acl`], [`sys`], [`log`]: socket options,
+//!   addresses, access control, syscall wrappers, log lines.
 
 pub mod proto;
 
@@ -28,3 +43,4 @@ pub mod net;
 pub mod server;
 pub mod storage;
 pub mod sys;
+pub mod wait;

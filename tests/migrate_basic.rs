@@ -141,7 +141,7 @@ fn one_gib_random_image_migrates() {
 
     let t = Instant::now();
     let out = run(
-        Command::new(BIN).args([
+        Command::new(bin()).args([
             "mirror",
             "--addr",
             "127.0.0.1",

@@ -117,14 +117,7 @@ fn c_image(seed: u64) -> Vec<u8> {
 /// Checks our listener took control with `image`.
 #[track_caller]
 fn took_over(l: &Listener, image: &[u8]) {
-    assert!(
-        wait_until(Duration::from_secs(10), || {
-            try_status(l.srv.ctl()).is_some_and(|s| s["has_control"] == "true")
-        }),
-        "control never arrived; log:\n{}",
-        l.srv.stderr()
-    );
-    assert!(!marker_of(&l.file).exists());
+    l.assert_took_control();
     assert_bytes_eq(&read_file(&l.file), image, "received image");
     assert_eq!(md5_file(&l.file), {
         let copy = l.dir.path().join("expected");

@@ -274,7 +274,12 @@ fn one_run(seed: u64, size: u64, fault: Fault) -> Outcome {
             src.kill();
             std::thread::sleep(down);
             src = source(&p);
-            writers.push(LoadWriter::start_from(&src.uri(), 8, seed + 1000, LATER_IDS));
+            writers.push(LoadWriter::start_from(
+                &src.uri(),
+                8,
+                seed + 1000,
+                LATER_IDS,
+            ));
             mirror_cmd(src.ctl(), proxy.addr, MIRROR_SPEED).expect_success("mirror again");
             poller = StatusPoller::start(src.ctl());
             (from, Instant::now())

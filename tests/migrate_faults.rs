@@ -410,7 +410,7 @@ fn gives_up_after_retries() {
     let mut src = source(size, 4);
     let fake = FakeDest::start(DestConfig::newstyle(size).then(Fault::CloseAtWrite(1)));
     let out = run(
-        std::process::Command::new(BIN).args([
+        std::process::Command::new(bin()).args([
             "mirror",
             "--addr",
             "127.0.0.1",
@@ -542,14 +542,7 @@ fn oldstyle_listener_takes_a_c_style_migration() {
     s.write_all_pipelined(&data, MIB as usize);
     s.disc();
     assert!(s.read_to_close().expect("closed").is_empty());
-    assert!(
-        wait_until(Duration::from_secs(10), || {
-            try_status(l.srv.ctl()).is_some_and(|s| s["has_control"] == "true")
-        }),
-        "control never arrived; log:\n{}",
-        l.srv.stderr()
-    );
-    assert!(!marker_of(&l.file).exists());
+    l.assert_took_control();
     assert_bytes_eq(&read_file(&l.file), &data, "received image");
     // Now an ordinary old-style server.
     let mut c = Sender::connect(l.srv.addr());
@@ -744,7 +737,7 @@ fn mirror_wait_reports_a_break() {
     let (ctl, port) = (src.srv.ctl().display().to_string(), l.srv.port.unwrap());
     let waiter = std::thread::spawn(move || {
         run(
-            std::process::Command::new(BIN).args([
+            std::process::Command::new(bin()).args([
                 "mirror",
                 "--addr",
                 "127.0.0.1",

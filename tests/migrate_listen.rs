@@ -157,13 +157,7 @@ fn second_sender_is_closed_and_first_unaffected() {
 /// again and a real migration then completes.
 #[test]
 fn quiet_sender_is_dropped_after_the_idle_limit() {
-    let dir = tempdir();
-    let file = dir.path().join("dst.img");
-    create_sparse_file(&file, LSIZE);
-    let srv = Daemon::listen(&file, &dir.path().join("dst.sock"))
-        .env("FLEXNBD_MIGRATION_IDLE_SECS", "1")
-        .start();
-    let mut l = Listener { dir, file, srv };
+    let mut l = listener_env(LSIZE, &[], &[("FLEXNBD_MIGRATION_IDLE_SECS", "1")]);
     let (mut a, _, _) = Sender::handshake(l.srv.addr());
     for i in 0..5u64 {
         assert_eq!(
@@ -289,14 +283,7 @@ fn writes_zeroes_and_trims_covering_everything_hand_over() {
     );
     assert_eq!(s.reply(), (0, 1002));
     send_then_disc(&mut s, &[]);
-    assert!(
-        wait_until(Duration::from_secs(10), || {
-            try_status(l.srv.ctl()).is_some_and(|st| st["has_control"] == "true")
-        }),
-        "control did not arrive; log:\n{}",
-        l.srv.stderr()
-    );
-    assert!(!marker_of(&l.file).exists());
+    l.assert_took_control();
     let mut want = vec![0u8; LSIZE as usize];
     want[..half].copy_from_slice(&data[..half]);
     assert_bytes_eq(&read_file(&l.file), &want, "received image");
@@ -309,13 +296,7 @@ fn writes_zeroes_and_trims_covering_everything_hand_over() {
 /// well before the idle limit (120 s) would have dropped the silent one.
 #[test]
 fn silent_sender_is_replaced_by_a_new_one() {
-    let dir = tempdir();
-    let file = dir.path().join("dst.img");
-    create_sparse_file(&file, LSIZE);
-    let srv = Daemon::listen(&file, &dir.path().join("dst.sock"))
-        .env("FLEXNBD_MIGRATION_STALE_SECS", "1")
-        .start();
-    let mut l = Listener { dir, file, srv };
+    let mut l = listener_env(LSIZE, &[], &[("FLEXNBD_MIGRATION_STALE_SECS", "1")]);
     let (mut a, _, _) = Sender::handshake(l.srv.addr());
     assert_eq!(a.write(1, 0, &random_bytes(43, 65536)), 0);
     // The fault itself: the sender stays silent for longer than the limit.
@@ -346,13 +327,7 @@ fn silent_sender_is_replaced_by_a_new_one() {
 /// request began; the listener stays waiting and a real migration completes.
 #[test]
 fn trickling_sender_is_dropped_after_the_idle_limit() {
-    let dir = tempdir();
-    let file = dir.path().join("dst.img");
-    create_sparse_file(&file, LSIZE);
-    let srv = Daemon::listen(&file, &dir.path().join("dst.sock"))
-        .env("FLEXNBD_MIGRATION_IDLE_SECS", "1")
-        .start();
-    let mut l = Listener { dir, file, srv };
+    let mut l = listener_env(LSIZE, &[], &[("FLEXNBD_MIGRATION_IDLE_SECS", "1")]);
     let (mut a, _, _) = Sender::handshake(l.srv.addr());
     let t0 = Instant::now();
     a.send(&request(CMD_WRITE, 0, 1, 0, 4096));

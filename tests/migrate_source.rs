@@ -130,7 +130,7 @@ fn status_while_retrying_is_exact_and_says_why() {
     let ctl = src.srv.ctl().display().to_string();
     let port = fake.port().to_string();
     // 4 MB pieces: two writes per copy, the first confirmed before the cut.
-    let mut waiter = Background::spawn(Command::new(BIN).args([
+    let mut waiter = Background::spawn(Command::new(bin()).args([
         "mirror",
         "--addr",
         "127.0.0.1",

@@ -72,7 +72,7 @@ fn read_works(c: &mut Raw, cookie: u64, img: &Path) -> bool {
 /// `flexnbd acl --sock S ENTRIES...`
 fn acl_cmd(sock: &Path, entries: &[&str]) -> CmdOutput {
     run(
-        Command::new(BIN)
+        Command::new(bin())
             .arg("acl")
             .arg("--sock")
             .arg(sock)

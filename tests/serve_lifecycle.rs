@@ -234,7 +234,7 @@ fn stale_socket_files_are_replaced_and_other_files_refused() {
     // A regular file in the way of the unix socket: refused, left alone.
     std::fs::write(&unix, b"precious").unwrap();
     let out = run(
-        Command::new(BIN)
+        Command::new(bin())
             .args(["serve", "--file"])
             .arg(&img)
             .arg("--unix")
@@ -249,7 +249,7 @@ fn stale_socket_files_are_replaced_and_other_files_refused() {
     std::fs::remove_file(&unix).unwrap();
     let mut first = Serve::unix(&img, &unix).start();
     let out = run(
-        Command::new(BIN)
+        Command::new(bin())
             .args(["serve", "--file"])
             .arg(&img)
             .arg("--unix")
@@ -268,7 +268,7 @@ fn stale_socket_files_are_replaced_and_other_files_refused() {
 /// Runs `flexnbd ARGS` expecting failure with exactly one stderr line that
 /// mentions `needle`; returns what was wrong, if anything.
 fn bad_args(args: &[&str], needle: &str) -> Result<(), String> {
-    let out = run(Command::new(BIN).args(args), Duration::from_secs(20));
+    let out = run(Command::new(bin()).args(args), Duration::from_secs(20));
     let err = out.stderr_str();
     let lines: Vec<&str> = err.lines().collect();
     if out.status.code().is_none() {
@@ -477,7 +477,7 @@ fn bad_command_lines_fail_with_one_clear_line() {
 
 #[test]
 fn help_lists_commands_and_options() {
-    let out = run(Command::new(BIN).arg("help"), Duration::from_secs(20));
+    let out = run(Command::new(bin()).arg("help"), Duration::from_secs(20));
     out.expect_success("flexnbd help");
     let text = out.stdout_str();
     for cmd in [
@@ -493,7 +493,7 @@ fn help_lists_commands_and_options() {
         &["serve", "-h"],
         &["serve", "--help"],
     ] {
-        let out = run(Command::new(BIN).args(args), Duration::from_secs(20));
+        let out = run(Command::new(bin()).args(args), Duration::from_secs(20));
         out.expect_success(&format!("flexnbd {args:?}"));
         let text = out.stdout_str();
         for opt in [
@@ -710,7 +710,7 @@ fn a_second_server_cannot_take_a_live_control_socket() {
     let other = dir.path().join("other");
     create_sparse_file(&other, MIB);
     let out = run(
-        Command::new(BIN)
+        Command::new(bin())
             .args(["serve", "--addr", "127.0.0.1", "--port", &port, "--file"])
             .arg(&other)
             .arg("--sock")
@@ -721,7 +721,7 @@ fn a_second_server_cannot_take_a_live_control_socket() {
     assert_eq!(out.stderr_str().lines().count(), 1, "{out:?}");
     // The socket still belongs to the first server.
     let st = run(
-        Command::new(BIN).args(["status", "--sock"]).arg(&ctl),
+        Command::new(bin()).args(["status", "--sock"]).arg(&ctl),
         Duration::from_secs(20),
     );
     st.expect_success("flexnbd status");
@@ -743,7 +743,7 @@ fn a_second_server_cannot_take_a_live_control_socket() {
 fn refused_start(mode: &str, img: &Path, extra: &[&str]) -> String {
     let port = free_port();
     let out = run(
-        Command::new(BIN)
+        Command::new(bin())
             .args([
                 mode,
                 "--addr",

@@ -693,7 +693,7 @@ fn two_hundred_concurrent_connections() {
     });
     // The server counts them all at once.
     let status = run(
-        std::process::Command::new(BIN)
+        std::process::Command::new(bin())
             .args(["status", "--sock"])
             .arg(&ctl),
         Duration::from_secs(30),

@@ -65,29 +65,14 @@ impl Inflight {
     /// Claims the range, waiting for overlapping claims to end (until
     /// `until`, when given). `None` once closed or at the deadline.
     pub fn claim(self: &Arc<Self>, off: u64, len: u64, until: Option<Instant>) -> Option<Claim> {
-        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let end = off.saturating_add(len);
-        loop {
-            if s.closed {
-                return None;
-            }
-            if !overlaps(&s, off, end) {
-                return Some(self.add(&mut s, off, end));
-            }
-            s = match until {
-                None => self.cv.wait(s).unwrap_or_else(|p| p.into_inner()),
-                Some(t) => {
-                    let now = Instant::now();
-                    if now >= t {
-                        return None;
-                    }
-                    self.cv
-                        .wait_timeout(s, t - now)
-                        .unwrap_or_else(|p| p.into_inner())
-                        .0
-                }
-            };
+        let (mut s, free) =
+            crate::wait::until(&self.cv, s, until, |s| s.closed || !overlaps(s, off, end));
+        if s.closed || !free {
+            return None;
         }
+        Some(self.add(&mut s, off, end))
     }
 
     pub fn is_closed(&self) -> bool {

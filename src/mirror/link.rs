@@ -13,6 +13,7 @@ use super::dirty::DirtyMap;
 use super::inflight::{Claim, Inflight};
 use crate::client::{ClientError, Completion, Connection, Receiver, Sender, ShutdownHandle};
 use crate::proto::consts::{FLAG_SEND_FLUSH, FLAG_SEND_WRITE_ZEROES};
+use crate::wait;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -39,35 +40,21 @@ impl Waiter {
         self.cv.notify_all();
     }
 
+    /// Whether the request succeeded, once known or at `deadline`.
+    fn wait_until(&self, deadline: Option<Instant>) -> Option<bool> {
+        let d = self.done.lock().unwrap_or_else(|p| p.into_inner());
+        let (d, _) = wait::until(&self.cv, d, deadline, |d| d.is_some());
+        *d
+    }
+
     /// True when the request succeeded.
     pub fn wait(&self) -> bool {
-        let mut d = self.done.lock().unwrap_or_else(|p| p.into_inner());
-        loop {
-            if let Some(ok) = *d {
-                return ok;
-            }
-            d = self.cv.wait(d).unwrap_or_else(|p| p.into_inner());
-        }
+        self.wait_until(None).unwrap_or(false)
     }
 
     /// Like [`wait`](Self::wait), but `None` once `budget` has passed.
     pub fn wait_for(&self, budget: Duration) -> Option<bool> {
-        let deadline = Instant::now() + budget;
-        let mut d = self.done.lock().unwrap_or_else(|p| p.into_inner());
-        loop {
-            if let Some(ok) = *d {
-                return Some(ok);
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return None;
-            }
-            d = self
-                .cv
-                .wait_timeout(d, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
+        self.wait_until(Some(Instant::now() + budget))
     }
 }
 
@@ -291,15 +278,15 @@ impl Link {
     fn transmit(&self, mut tx: Sender) {
         loop {
             let next = {
-                let mut w = self.lock();
-                loop {
-                    if w.failed.is_some() {
-                        return;
-                    }
-                    if let Some(o) = w.urgent.pop_front().or_else(|| w.queue.pop_front()) {
-                        break o;
-                    }
-                    w = self.queued.wait(w).unwrap_or_else(|p| p.into_inner());
+                let (mut w, _) = wait::until(&self.queued, self.lock(), None, |w| {
+                    w.failed.is_some() || !w.urgent.is_empty() || !w.queue.is_empty()
+                });
+                if w.failed.is_some() {
+                    return;
+                }
+                match w.urgent.pop_front().or_else(|| w.queue.pop_front()) {
+                    Some(o) => o,
+                    None => continue,
                 }
             };
             let Outgoing { cookie, op, sent } = next;
@@ -423,38 +410,27 @@ impl Link {
         class: Class,
         until: Option<Instant>,
     ) -> Result<(), NotSent> {
-        let mut w = self.lock();
-        loop {
-            if w.failed.is_some() {
-                drop(w);
-                if let Some((o, l)) = range {
-                    self.dirty.mark(o, l);
-                }
-                return Err(NotSent::Failed);
-            }
+        let fits = |w: &mut Window| {
             let share = match class {
                 Class::Urgent => true,
                 Class::Bulk { in_flight } => w.bulk_bytes == 0 || w.bulk_bytes + bytes <= in_flight,
             };
-            let fits = share
+            share
                 && w.requests < WINDOW_REQUESTS
-                && (w.bytes + bytes <= WINDOW_BYTES || w.requests == 0);
-            if fits {
-                break;
+                && (w.bytes + bytes <= WINDOW_BYTES || w.requests == 0)
+        };
+        let (mut w, room) = wait::until(&self.cv, self.lock(), until, |w| {
+            w.failed.is_some() || fits(w)
+        });
+        if w.failed.is_some() {
+            drop(w);
+            if let Some((o, l)) = range {
+                self.dirty.mark(o, l);
             }
-            w = match until {
-                None => self.cv.wait(w).unwrap_or_else(|p| p.into_inner()),
-                Some(t) => {
-                    let now = Instant::now();
-                    if now >= t {
-                        return Err(NotSent::NoRoom);
-                    }
-                    self.cv
-                        .wait_timeout(w, t - now)
-                        .unwrap_or_else(|p| p.into_inner())
-                        .0
-                }
-            };
+            return Err(NotSent::Failed);
+        }
+        if !room {
+            return Err(NotSent::NoRoom);
         }
         let cookie = self.next_cookie.fetch_add(1, Relaxed);
         let bulk = class != Class::Urgent;
@@ -491,27 +467,13 @@ impl Link {
 
     /// Waits until every request sent so far is confirmed, or until `until`.
     pub fn drain(&self, until: Option<Instant>) -> Drained {
-        let mut w = self.lock();
-        loop {
-            if w.failed.is_some() {
-                return Drained::Failed;
-            }
-            if w.requests == 0 {
-                return Drained::Done;
-            }
-            w = match until {
-                None => self.cv.wait(w).unwrap_or_else(|p| p.into_inner()),
-                Some(t) => {
-                    let now = Instant::now();
-                    if now >= t {
-                        return Drained::TimedOut;
-                    }
-                    self.cv
-                        .wait_timeout(w, t - now)
-                        .unwrap_or_else(|p| p.into_inner())
-                        .0
-                }
-            };
+        let (w, _) = wait::until(&self.cv, self.lock(), until, |w| {
+            w.failed.is_some() || w.requests == 0
+        });
+        match (w.failed.is_some(), w.requests) {
+            (true, _) => Drained::Failed,
+            (false, 0) => Drained::Done,
+            _ => Drained::TimedOut,
         }
     }
 

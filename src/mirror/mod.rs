@@ -22,6 +22,7 @@ use crate::addr::Endpoint;
 use crate::client::{Cancel, ClientError, ConnectOptions, Connection};
 use crate::control::{MigrationStatus, MirrorAction};
 use crate::export::Export;
+use crate::wait;
 use dirty::DirtyMap;
 use link::Link;
 use observer::Observer;
@@ -215,17 +216,9 @@ impl Mirror {
     /// Waits until the first connection is up (the migration has started) or
     /// has failed (the migration is over, nothing was changed).
     pub fn started(&self) -> Result<(), StartError> {
-        let mut st = self.shared.start.lock().unwrap_or_else(|e| e.into_inner());
-        loop {
-            if let Some(r) = &*st {
-                return r.clone();
-            }
-            st = self
-                .shared
-                .start_cv
-                .wait(st)
-                .unwrap_or_else(|e| e.into_inner());
-        }
+        let st = self.shared.start.lock().unwrap_or_else(|e| e.into_inner());
+        let (st, _) = wait::until(&self.shared.start_cv, st, None, |s| s.is_some());
+        st.clone().unwrap_or(Err(StartError::NoResponse))
     }
 
     /// Whether the first connection is up.
@@ -267,17 +260,9 @@ impl Mirror {
 
     /// Waits until the migration has ended.
     pub fn wait(&self) -> Finish {
-        let mut p = self.shared.progress();
-        loop {
-            if let Some(f) = &p.finish {
-                return f.clone();
-            }
-            p = self
-                .shared
-                .done_cv
-                .wait(p)
-                .unwrap_or_else(|e| e.into_inner());
-        }
+        let p = self.shared.progress();
+        let (p, _) = wait::until(&self.shared.done_cv, p, None, |p| p.finish.is_some());
+        p.finish.clone().unwrap_or(Finish::Stopped)
     }
 
     /// Stops the migration (also while it is still connecting) and waits
@@ -323,20 +308,9 @@ impl Shared {
 
     /// Sleeps up to `d`; returns early (true) when stopped.
     fn sleep(&self, d: Duration) -> bool {
-        let deadline = Instant::now() + d;
-        let mut g = self.stop_lock.lock().unwrap_or_else(|e| e.into_inner());
-        while !self.stopped() {
-            let now = Instant::now();
-            if now >= deadline {
-                return false;
-            }
-            g = self
-                .stop_cv
-                .wait_timeout(g, deadline - now)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
-        true
+        let g = self.stop_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let deadline = Some(Instant::now() + d);
+        wait::until(&self.stop_cv, g, deadline, |_| self.stopped()).1
     }
 
     /// The destination confirmed `bytes` of the copy.

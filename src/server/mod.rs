@@ -152,20 +152,18 @@ impl Server {
 
     /// Waits until no client is connected; false on timeout.
     pub fn wait_idle(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
-        while !clients.is_empty() {
-            let now = Instant::now();
-            if now >= deadline {
-                return false;
-            }
-            clients = self
-                .clients_changed
-                .wait_timeout(clients, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
-        true
+        self.wait_clients(timeout, |c| c.is_empty())
+    }
+
+    /// Waits (up to `timeout`) until `done` holds of the connected clients.
+    fn wait_clients(
+        &self,
+        timeout: Duration,
+        done: impl Fn(&HashMap<u64, Client>) -> bool,
+    ) -> bool {
+        let clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        let deadline = Some(Instant::now() + timeout);
+        crate::wait::until(&self.clients_changed, clients, deadline, |c| done(c)).1
     }
 
     /// Takes a new connection: refused peers are closed with nothing sent.
@@ -227,10 +225,16 @@ impl Server {
         let spawned = std::thread::Builder::new()
             .name(format!("client-{id}"))
             .spawn(move || {
-                if let Some(old) = replaces {
-                    me.wait_gone(old, REPLACE_WAIT);
-                }
-                let end = me.serve_client(id, conn, s2.clone());
+                // Never two senders writing at once: the replaced one's
+                // last requests finish first.
+                let end = match replaces {
+                    Some(old) if !me.wait_gone(old, REPLACE_WAIT) => {
+                        warn!("client-{old}: still busy {REPLACE_WAIT:?} after being replaced; refusing client-{id}");
+                        conn.shutdown(Shutdown::Both);
+                        End::Error("the replaced sender is still busy".into())
+                    }
+                    _ => me.serve_client(id, conn, s2.clone()),
+                };
                 if let Some(i) = &i2 {
                     i.ended(&SessionEnd {
                         id,
@@ -263,20 +267,7 @@ impl Server {
 
     /// Waits (up to `timeout`) until session `id` has ended.
     fn wait_gone(&self, id: u64, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
-        while clients.contains_key(&id) {
-            let now = Instant::now();
-            if now >= deadline {
-                return false;
-            }
-            clients = self
-                .clients_changed
-                .wait_timeout(clients, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
-        true
+        self.wait_clients(timeout, |c| !c.contains_key(&id))
     }
 
     fn forget(&self, id: u64) {

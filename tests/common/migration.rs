@@ -40,16 +40,40 @@ pub struct Listener {
 }
 
 pub fn listener(size: u64, extra: &[&str]) -> Listener {
+    listener_env(size, extra, &[])
+}
+
+/// [`listener`] with environment variables set for the server.
+pub fn listener_env(size: u64, extra: &[&str], env: &[(&str, &str)]) -> Listener {
     let dir = tempdir();
     let file = dir.path().join("dst.img");
     create_sparse_file(&file, size);
-    let srv = Daemon::listen(&file, &dir.path().join("dst.sock"))
-        .args(extra)
-        .start();
+    let mut d = Daemon::listen(&file, &dir.path().join("dst.sock")).args(extra);
+    for (k, v) in env {
+        d = d.env(k, v);
+    }
+    let srv = d.start();
     Listener { dir, file, srv }
 }
 
 impl Listener {
+    /// Control arrives (has_control=true within 10 s) and the marker is gone.
+    #[track_caller]
+    pub fn assert_took_control(&self) {
+        assert!(
+            wait_until(Duration::from_secs(10), || {
+                try_status(self.srv.ctl()).is_some_and(|s| s["has_control"] == "true")
+            }),
+            "control never arrived: {:?}; log:\n{}",
+            try_status(self.srv.ctl()),
+            self.srv.stderr()
+        );
+        assert!(
+            !marker_of(&self.file).exists(),
+            "marker kept after control arrived"
+        );
+    }
+
     /// Still waiting for a migration: alive, no control, marker present.
     #[track_caller]
     pub fn assert_waiting(&mut self) {
@@ -107,14 +131,7 @@ impl Listener {
             "source; log:\n{}",
             src.srv.stderr()
         );
-        assert!(
-            wait_until(Duration::from_secs(10), || {
-                try_status(self.srv.ctl()).is_some_and(|s| s["has_control"] == "true")
-            }),
-            "no control; log:\n{}",
-            self.srv.stderr()
-        );
-        assert!(!marker_of(&self.file).exists());
+        self.assert_took_control();
         assert_bytes_eq(
             &read_file(&self.file),
             &read_file(&src.file),

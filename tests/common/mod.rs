@@ -21,8 +21,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-/// The binary under test.
-pub const BIN: &str = env!("CARGO_BIN_EXE_flexnbd");
+/// The binary under test: this build's, or the one `FLEXNBD_TEST_BIN` names
+/// (to run the suite against another build).
+pub fn bin() -> PathBuf {
+    match std::env::var_os("FLEXNBD_TEST_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => PathBuf::from(env!("CARGO_BIN_EXE_flexnbd")),
+    }
+}
 /// The python that has the `nbd` module (python3-libnbd); never the first one on PATH.
 pub const PYTHON: &str = "/usr/bin/python3";
 
@@ -630,13 +636,13 @@ impl Server {
             args.extend(["--sock".into(), s.display().to_string()]);
         }
         args.extend(cfg.extra.iter().cloned());
-        let child = Command::new(BIN)
+        let child = Command::new(bin())
             .args(&args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(File::create(&log).map_err(|e| e.to_string())?)
             .spawn()
-            .map_err(|e| format!("cannot spawn {BIN}: {e}"))?;
+            .map_err(|e| format!("cannot spawn {}: {e}", bin().display()))?;
         let mut s = Server {
             child,
             port,
@@ -1317,7 +1323,7 @@ impl Daemon {
             self.sock.display().to_string(),
         ];
         args.extend(self.extra.iter().cloned());
-        let mut cmd = Command::new(BIN);
+        let mut cmd = Command::new(bin());
         cmd.args(&args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -1327,7 +1333,7 @@ impl Daemon {
         }
         let child = cmd
             .spawn()
-            .map_err(|e| format!("cannot spawn {BIN}: {e}"))?;
+            .map_err(|e| format!("cannot spawn {}: {e}", bin().display()))?;
         let mut s = Server {
             child,
             port: Some(port),
@@ -1457,7 +1463,7 @@ pub fn status_u64(st: &std::collections::BTreeMap<String, String>, key: &str) ->
 /// Runs `flexnbd ARGS...` under [`TOOL_TIMEOUT`].
 #[track_caller]
 pub fn flexnbd(args: &[&str]) -> CmdOutput {
-    run(Command::new(BIN).args(args), TOOL_TIMEOUT)
+    run(Command::new(bin()).args(args), TOOL_TIMEOUT)
 }
 
 /// `flexnbd mirror --addr ADDR --port PORT --sock SOCK EXTRA...`.
