@@ -203,6 +203,10 @@ impl Intake for Incoming {
                 drop(st);
                 (self.on_arrival)();
             }
+            End::Disconnect if track.scattered() => error!(
+                "{name}: the sender's writes were too scattered to be an image; \
+                 waiting for the next sender"
+            ),
             End::Disconnect if missing == self.size => {
                 warn!("{name}: disconnected without writing anything; waiting for a sender")
             }

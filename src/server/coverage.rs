@@ -33,6 +33,11 @@ impl Coverage {
         self.ranges.insert(start, end);
     }
 
+    /// Number of disjoint ranges.
+    pub fn ranges(&self) -> usize {
+        self.ranges.len()
+    }
+
     /// Whether `[0, size)` is covered.
     pub fn covers(&self, size: u64) -> bool {
         size == 0 || self.ranges.get(&0).is_some_and(|&e| e >= size)

@@ -40,6 +40,11 @@ pub struct SessionEnd {
     pub sender: Option<Arc<SenderTrack>>,
 }
 
+/// Most disjoint written ranges tracked for one sender (a few MiB of
+/// memory). Every real source writes large runs that merge; a sender that
+/// scatters more is not delivering an image, and is never given control.
+const MAX_RANGES: usize = 1 << 16;
+
 /// What one sender's session has received so far. Updated by the session,
 /// read by the intake.
 #[derive(Debug)]
@@ -50,6 +55,8 @@ pub struct SenderTrack {
     /// (or the connection was admitted).
     last_request_ms: AtomicU64,
     entrusted: AtomicBool,
+    /// Its writes were too scattered to track: it cannot hand an image over.
+    scattered: AtomicBool,
     /// A request (header and payload) must arrive whole within this time.
     idle: Option<Duration>,
 }
@@ -61,6 +68,7 @@ impl SenderTrack {
             coverage: Mutex::new(Coverage::default()),
             last_request_ms: AtomicU64::new(0),
             entrusted: AtomicBool::new(false),
+            scattered: AtomicBool::new(false),
             idle,
         }
     }
@@ -72,18 +80,32 @@ impl SenderTrack {
 
     /// `[off, off + len)` was written, zeroed or trimmed.
     pub fn covered(&self, off: u64, len: u64) {
-        self.coverage
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .add(off, len);
+        if self.scattered.load(Relaxed) {
+            return;
+        }
+        let mut c = self.coverage.lock().unwrap_or_else(|p| p.into_inner());
+        c.add(off, len);
+        if c.ranges() > MAX_RANGES {
+            self.scattered.store(true, Relaxed);
+            *c = Coverage::default();
+        }
     }
 
-    /// Bytes of an image of `size` bytes not covered yet.
+    /// Bytes of an image of `size` bytes not covered yet (all of them, for
+    /// a sender whose writes were too scattered to track).
     pub fn missing(&self, size: u64) -> u64 {
+        if self.scattered.load(Relaxed) {
+            return size;
+        }
         self.coverage
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .missing(size)
+    }
+
+    /// Whether its writes were too scattered to track.
+    pub fn scattered(&self) -> bool {
+        self.scattered.load(Relaxed)
     }
 
     /// A whole request has arrived.
@@ -127,5 +149,16 @@ mod tests {
         t.entrust();
         assert!(t.entrusted());
         assert_eq!(t.idle_limit(), Some(Duration::from_secs(3)));
+    }
+
+    #[test]
+    fn scattered_writes_are_not_tracked_and_never_complete() {
+        let t = SenderTrack::new(None);
+        for i in 0..=MAX_RANGES as u64 {
+            t.covered(i * 2, 1);
+        }
+        assert!(t.scattered());
+        t.covered(0, 1 << 30);
+        assert_eq!(t.missing(1 << 30), 1 << 30);
     }
 }

@@ -1740,15 +1740,17 @@ impl LoadWriter {
     }
 }
 
-/// The worst latency (seconds) of a write issued in `[from, to]` (epoch
-/// seconds), from the report's slow writes; 0.1 when none took longer.
+/// The worst latency (seconds) of a write in flight at some time in
+/// `[from, to]` (epoch seconds), from the report's slow writes; 0.1 when
+/// none took longer.
 pub fn load_worst_latency(r: &serde_json::Value, from: f64, to: f64) -> f64 {
     r["slow"]
         .as_array()
         .unwrap()
         .iter()
-        .filter(|w| (from..=to).contains(&w[0].as_f64().unwrap()))
-        .map(|w| w[1].as_f64().unwrap())
+        .map(|w| (w[0].as_f64().unwrap(), w[1].as_f64().unwrap()))
+        .filter(|&(issued, took)| issued <= to && issued + took >= from)
+        .map(|(_, took)| took)
         .fold(0.1, f64::max)
 }
 
