@@ -16,6 +16,7 @@ for tool in nbdinfo nbdcopy nbdsh; do command -v "$tool" >/dev/null || need+=(li
 for tool in qemu-img qemu-io qemu-nbd; do command -v "$tool" >/dev/null || need+=(qemu-utils); done
 command -v nbdkit >/dev/null || need+=(nbdkit)
 command -v fio >/dev/null || need+=(fio)
+command -v strace >/dev/null || need+=(strace)
 if [ ${#need[@]} -gt 0 ]; then
     mapfile -t need < <(printf '%s\n' "${need[@]}" | sort -u)
     echo "installing: ${need[*]}"

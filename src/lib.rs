@@ -37,6 +37,8 @@ pub mod client;
 pub mod control;
 pub mod daemon;
 pub mod export;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod incoming;
 pub mod mirror;
 pub mod net;
