@@ -15,16 +15,20 @@ pub struct AclEntry {
 }
 
 impl AclEntry {
-    /// Parses `IP` or `IP/prefix`; `/0` and prefixes longer than the address are rejected.
+    /// Parses `IP` or `IP/prefix`; `/0` and prefixes longer than the address
+    /// are rejected. An IPv4-mapped IPv6 address (`::ffff:10.0.0.0/104`) is
+    /// its IPv4 address, its prefix counted in IPv6 bits (so at least 97: a
+    /// shorter one would reach beyond the mapped addresses).
     pub fn parse(s: &str) -> Result<AclEntry, BadSpec> {
         let bad = || BadSpec(s.to_owned());
         let (ip_s, prefix_s) = match s.split_once('/') {
             Some((a, p)) => (a, Some(p)),
             None => (s, None),
         };
-        let ip = parse_ip(ip_s).map_err(|_| bad())?;
-        let ip = canonical_ip(ip);
-        let max = match ip {
+        let written = parse_ip(ip_s).map_err(|_| bad())?;
+        let ip = canonical_ip(written);
+        let mapped = written != ip;
+        let max = match written {
             IpAddr::V4(_) => 32,
             IpAddr::V6(_) => 128,
         };
@@ -40,6 +44,11 @@ impl AclEntry {
                 }
                 n
             }
+        };
+        let prefix = match mapped {
+            true if prefix <= 96 => return Err(bad()),
+            true => prefix - 96,
+            false => prefix,
         };
         Ok(AclEntry { ip, prefix })
     }
@@ -133,6 +142,26 @@ mod tests {
         assert!(acl.allows(ip("::1")));
         assert!(acl.allows(ip("::ffff:127.0.0.2")));
         assert!(!acl.allows(ip("::2")));
+    }
+
+    #[test]
+    fn ipv4_mapped_entries_are_their_ipv4_addresses() {
+        let e = AclEntry::parse("::ffff:10.0.0.0/104").unwrap();
+        assert_eq!((e.ip, e.prefix), (ip("10.0.0.0"), 8));
+        let e = AclEntry::parse("[::ffff:127.0.0.1]").unwrap();
+        assert_eq!((e.ip, e.prefix), (ip("127.0.0.1"), 32));
+        let acl = Acl::parse(&["::ffff:10.0.0.0/104"], false).unwrap();
+        assert!(acl.allows(ip("10.9.8.7")));
+        assert!(acl.allows(ip("::ffff:10.9.8.7")));
+        assert!(!acl.allows(ip("11.0.0.1")));
+        // A prefix reaching beyond the mapped range is ambiguous: refused.
+        for bad in [
+            "::ffff:127.0.0.1/8",
+            "::ffff:10.0.0.0/96",
+            "::ffff:1.2.3.4/129",
+        ] {
+            assert!(AclEntry::parse(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

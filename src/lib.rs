@@ -9,8 +9,11 @@
 //! - [`incoming`]: the destination of a migration (`listen`): the
 //!   `FILE.INCOMPLETE` marker, the one sender slot (a silent sender is
 //!   replaced), and the rule for when the image has arrived.
-//! - [`server`]: listeners, ACL at accept, handshake, one session per
-//!   connection; `server::intake` is the hook [`incoming`] plugs into.
+//! - [`server`]: listeners, ACL at accept (and `--max-clients`), handshake
+//!   (one deadline, `--handshake-timeout`), one session per connection
+//!   (`server::session`; requests run in `server::exec`, replies leave
+//!   through `server::out` with a send deadline); `server::intake` is the
+//!   hook [`incoming`] plugs into.
 //! - [`control`]: control socket grammar (`status`, `acl`, `mirror`,
 //!   `mirror_max_bps`, `break`, `mirror_wait`) and loop, and the CLI side.
 //! - [`mirror`]: a migration, source side. Steps, in `mirror::copy`: connect
@@ -20,10 +23,13 @@
 //!   retries from scratch with back-off.
 //! - [`client`]: NBD client used by `read`, `write` and the mirror.
 //! - [`export`]: the served image: storage, request gate, change observer.
-//! - [`storage`]: positional file I/O, holes and extents, the image lock.
+//! - [`storage`]: positional file I/O, holes and extents (`storage::map`),
+//!   block devices (`storage::device`), the image lock (`storage::lock`).
 //! - [`proto`]: the NBD wire format, no I/O.
-//! - [`net`], [`addr`], [`acl`], [`sys`], [`log`]: socket options,
-//!   addresses, access control, syscall wrappers, log lines.
+//! - [`net`], [`addr`], [`acl`], [`sys`], [`log`], [`wait`]: socket options,
+//!   addresses, access control, syscall wrappers, log lines, the one
+//!   deadline loop.
+//! - `fuzzing`: entry points of the cargo-fuzz targets in `fuzz/` (not an API).
 
 pub mod proto;
 

@@ -170,3 +170,93 @@ pub fn ofd_conflicts(fd: BorrowedFd<'_>, kind: LockKind, start: u64, len: u64) -
     cvt(r as libc::c_long)?;
     Ok(i32::from(fl.l_type) != libc::F_UNLCK)
 }
+
+/// Raises the soft limit on open descriptors to the hard limit; returns the
+/// soft limit in force afterwards.
+pub fn raise_nofile_limit() -> io::Result<u64> {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `r` is a valid rlimit the kernel fills in.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if r.rlim_cur < r.rlim_max {
+        let want = libc::rlimit {
+            rlim_cur: r.rlim_max,
+            rlim_max: r.rlim_max,
+        };
+        // SAFETY: `want` is a valid rlimit that lives across the call.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &want) } == 0 {
+            return Ok(want.rlim_cur);
+        }
+    }
+    Ok(r.rlim_cur)
+}
+
+/// Whether the file is on tmpfs, where `SEEK_HOLE` walks every page up to
+/// the next hole (and so costs time in proportion to the data before it).
+pub fn on_tmpfs(fd: BorrowedFd<'_>) -> bool {
+    // SAFETY: an all-zero statfs is a valid value of the plain C struct.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `st` is a valid statfs the kernel fills in; it outlives the call.
+    let r = unsafe { libc::fstatfs(fd.as_raw_fd(), &mut st) };
+    r == 0 && st.f_type as i64 == libc::TMPFS_MAGIC
+}
+
+// Block device ioctls (linux/fs.h), for the architectures with the generic
+// ioctl layout.
+const BLKSSZGET: libc::c_ulong = 0x1268;
+const BLKDISCARD: libc::c_ulong = 0x1277;
+const BLKZEROOUT: libc::c_ulong = 0x127f;
+const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+
+/// The size of a block device in bytes (`BLKGETSIZE64`).
+pub fn block_device_size(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    let mut size: u64 = 0;
+    // SAFETY: BLKGETSIZE64 writes one u64 to the pointer, which is valid.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), BLKGETSIZE64 as _, &mut size as *mut u64) };
+    cvt(r as libc::c_long).map(|_| size)
+}
+
+/// The logical block size of a block device (`BLKSSZGET`).
+pub fn block_device_sector(fd: BorrowedFd<'_>) -> io::Result<u32> {
+    let mut size: libc::c_int = 0;
+    // SAFETY: BLKSSZGET writes one int to the pointer, which is valid.
+    let r = unsafe {
+        libc::ioctl(
+            fd.as_raw_fd(),
+            BLKSSZGET as _,
+            &mut size as *mut libc::c_int,
+        )
+    };
+    cvt(r as libc::c_long).map(|_| size.max(1) as u32)
+}
+
+/// What to do to a range of a block device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockOp {
+    /// `BLKDISCARD`: the device may forget the contents.
+    Discard,
+    /// `BLKZEROOUT`: the range reads as zeroes.
+    ZeroOut,
+}
+
+/// `BLKDISCARD`/`BLKZEROOUT` on `[offset, offset + len)`, which must be
+/// aligned to the logical block size.
+pub fn block_device_range(
+    fd: BorrowedFd<'_>,
+    op: BlockOp,
+    offset: u64,
+    len: u64,
+) -> io::Result<()> {
+    let range: [u64; 2] = [offset, len];
+    let req = match op {
+        BlockOp::Discard => BLKDISCARD,
+        BlockOp::ZeroOut => BLKZEROOUT,
+    };
+    // SAFETY: both ioctls read two u64 from the pointer, which is valid.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), req as _, range.as_ptr()) };
+    cvt(r as libc::c_long).map(|_| ())
+}

@@ -321,3 +321,63 @@ fn in_flight_requests_are_answered_when_a_client_is_dropped_by_the_acl() {
     srv.assert_alive();
     srv.stop();
 }
+
+/// Expected: on a dual-stack listener (`--addr ::`) an IPv4 client's peer
+/// address is IPv4-mapped (`::ffff:127.0.0.1`) and is matched as its IPv4
+/// address, by IPv4 entries and by IPv4-mapped entries alike (whose prefix
+/// counts IPv6 bits: /104 is an IPv4 /8); a mapped entry whose prefix
+/// reaches beyond the mapped range is refused at start.
+#[test]
+fn ipv4_mapped_entries_and_peers_are_ipv4() {
+    if std::fs::read_to_string("/proc/sys/net/ipv6/bindv6only").map_or(true, |v| v.trim() != "0")
+        || std::net::TcpListener::bind("[::]:0").is_err()
+    {
+        eprintln!("SKIPPED: no dual-stack IPv6 listener on this machine");
+        return;
+    }
+    let dir = tempdir();
+    let img = image(dir.path());
+    for (entries, from_ok) in [
+        (vec!["::ffff:127.0.0.0/104"], [true, true]),
+        (vec!["::ffff:127.0.0.1"], [true, false]),
+        (vec!["[::ffff:127.0.0.2]/128"], [false, true]),
+        (vec!["127.0.0.1/32"], [true, false]),
+        (vec!["127.0.0.0/8"], [true, true]),
+        (vec!["::1"], [false, false]),
+    ] {
+        let mut srv = Serve::tcp(&img)
+            .addr("::")
+            .control(&dir.path().join("ctl"))
+            .args(&entries)
+            .start();
+        let v4: SocketAddr = ([127, 0, 0, 1], srv.addr().port()).into();
+        for (from, ok) in ["127.0.0.1", "127.0.0.2"].into_iter().zip(from_ok) {
+            assert_eq!(admitted(from, v4), ok, "ACL {entries:?}, client {from}");
+            if ok {
+                let mut c = client_from(from, v4);
+                assert!(read_works(&mut c, 7, &img));
+            }
+        }
+        srv.stop();
+    }
+    for bad in ["::ffff:127.0.0.1/8", "::ffff:10.0.0.0/96"] {
+        let port = free_port().to_string();
+        let f = img.to_str().unwrap();
+        let out = flexnbd(&[
+            "serve",
+            "--addr",
+            "127.0.0.1",
+            "--port",
+            &port,
+            "--file",
+            f,
+            bad,
+        ]);
+        assert_eq!(out.status.code(), Some(1), "{bad}: {out:?}");
+        assert!(
+            out.stderr_str().contains(bad),
+            "{bad}: {}",
+            out.stderr_str()
+        );
+    }
+}

@@ -896,9 +896,11 @@ fn chunks_until_done(c: &mut Raw, cookie: u64) -> Vec<Chunk> {
     }
 }
 
+/// Expected: a DF read is one data chunk up to the advertised maximum
+/// payload (32 MiB), and EOVERFLOW beyond it.
 #[test]
 fn df_reads_are_one_chunk_or_eoverflow() {
-    let s = setup(4 * MIB, &[]);
+    let s = setup(40 * MIB, &[]);
     let mut c = Raw::structured(s.srv.addr());
     let mut problems = Vec::new();
     for (i, len) in [
@@ -911,6 +913,8 @@ fn df_reads_are_one_chunk_or_eoverflow() {
         1_044_480,
         1 << 20,
         2 << 20,
+        32 << 20,
+        (32 << 20) + 1,
     ]
     .into_iter()
     .enumerate()
@@ -931,7 +935,7 @@ fn df_reads_are_one_chunk_or_eoverflow() {
                     "DF data",
                 );
             }
-            [0x8001] | [0x8002] if len > 65536 => {
+            [0x8001] | [0x8002] if len > 32 << 20 => {
                 assert_eq!(
                     be32(&chunks[0].payload, 0),
                     EOVERFLOW,
@@ -952,6 +956,85 @@ fn df_reads_are_one_chunk_or_eoverflow() {
         "DF (do not fragment) needs one data chunk or EOVERFLOW:\n{}",
         problems.join("\n")
     );
+    c.req(CMD_READ, 1 << 2, 0xdfff, 0, (32 << 20) + 1);
+    let chunks = chunks_until_done(&mut c, 0xdfff);
+    assert_eq!(
+        be32(&chunks[0].payload, 0),
+        EOVERFLOW,
+        "DF read over 32 MiB"
+    );
+}
+
+/// Expected: a structured 32 MiB read of a sparse image comes as one chunk
+/// per data or hole run of the image (not in fixed pieces), whatever the
+/// read's size: hole chunks exactly where the holes are, data chunks
+/// carrying the file's bytes, then the final NONE chunk. On tmpfs, where
+/// holes are found by probing every 64 KiB, the runs here are far apart
+/// enough to be exact too.
+#[test]
+fn structured_reads_follow_the_data_and_hole_boundaries() {
+    for dir in [big_tempdir(64 * MIB), tempdir()] {
+        let img = dir.path().join("img");
+        create_sparse_file(&img, 40 * MIB);
+        // Runs: data [0, 1M), hole, data [3M+4K, 3M+12K), hole, data [10M, 20M), hole to 32M.
+        for (off, len, seed) in [
+            (0, MIB, 1u64),
+            (3 * MIB + 4096, 8192, 2),
+            (10 * MIB, 10 * MIB, 3),
+        ] {
+            write_file_at(&img, off, &random_bytes(seed, len as usize));
+        }
+        let file = read_file(&img);
+        let srv = Serve::tcp(&img).start();
+        let mut c = Raw::structured(srv.addr());
+        for (cookie, off, len) in [(1u64, 0u64, 32 * MIB), (2, MIB / 2, 16 * MIB)] {
+            c.req(CMD_READ, 0, cookie, off, len as u32);
+            let chunks = chunks_until_done(&mut c, cookie);
+            let mut runs = Vec::new();
+            let mut pos = off;
+            for ch in &chunks {
+                if ch.kind == 0 {
+                    continue; // the final NONE chunk
+                }
+                let at = be64(&ch.payload, 0);
+                match ch.kind {
+                    1 => {
+                        let data = &ch.payload[8..];
+                        assert_eq!(at, pos, "data chunk in order");
+                        assert_bytes_eq(data, &file[at as usize..][..data.len()], "data chunk");
+                        runs.push((at, data.len() as u64, false));
+                        pos += data.len() as u64;
+                    }
+                    2 => {
+                        let l = be32(&ch.payload, 8) as u64;
+                        assert_eq!(at, pos, "hole chunk in order");
+                        assert!(file[at as usize..][..l as usize].iter().all(|&b| b == 0));
+                        runs.push((at, l, true));
+                        pos += l;
+                    }
+                    k => panic!("chunk type {k:#x}"),
+                }
+            }
+            assert_eq!(pos, off + len, "chunks cover the read");
+            let end = off + len;
+            let want: Vec<(u64, u64, bool)> = [
+                (0, MIB, false),
+                (MIB, 2 * MIB + 4096, true),
+                (3 * MIB + 4096, 8192, false),
+                (3 * MIB + 12288, 7 * MIB - 12288, true),
+                (10 * MIB, 10 * MIB, false),
+                (20 * MIB, 20 * MIB, true),
+            ]
+            .iter()
+            .filter_map(|&(o, l, h)| {
+                let (s, e) = (o.max(off), (o + l).min(end));
+                (s < e).then_some((s, e - s, h))
+            })
+            .collect();
+            assert_eq!(runs, want, "chunks of the read at {off} ({:?})", dir.path());
+        }
+        drop(c);
+    }
 }
 
 #[test]
@@ -1137,4 +1220,100 @@ fn one_gib_reads_and_writes_in_a_single_request() {
         let got = read_file_at(&img, (i * PIECE) as u64, PIECE);
         assert_bytes_eq(&got, &buf, &format!("file piece {i}"));
     }
+}
+
+/// Data of NBD_OPT_SET_META_CONTEXT for export `name`.
+fn meta_data_for(name: &str, queries: &[&str]) -> Vec<u8> {
+    let mut d = (name.len() as u32).to_be_bytes().to_vec();
+    d.extend_from_slice(name.as_bytes());
+    d.extend_from_slice(&meta_data(queries)[4..]);
+    d
+}
+
+/// BLOCK_STATUS of the first 4 KiB; the error of its error chunk, or 0.
+fn block_status_error(c: &mut Raw, cookie: u64) -> u32 {
+    c.req(CMD_BLOCK_STATUS, 0, cookie, 0, 4096);
+    let ch = chunks_until_done(c, cookie);
+    match ch.iter().find(|x| x.kind & 0x8000 != 0) {
+        Some(e) => be32(&e.payload, 0),
+        None => {
+            assert_eq!(ch[0].kind, 5, "a block status chunk: {ch:?}");
+            0
+        }
+    }
+}
+
+/// Expected: a SET_META_CONTEXT that fails (malformed data, or a query
+/// without a namespace) clears
+/// the selection made before it, so BLOCK_STATUS gets EINVAL; a selection
+/// made for one export name does not carry to a GO for another; one made for
+/// the name that GO uses works.
+#[test]
+fn a_failed_set_meta_context_clears_the_selection_and_names_count() {
+    let s = setup(MIB, &[]);
+    let select = |c: &mut Raw, name: &str| {
+        let r = c.opt(
+            OPT_SET_META_CONTEXT,
+            &meta_data_for(name, &["base:allocation"]),
+        );
+        assert_eq!(r[0].kind, REP_META_CONTEXT, "{r:?}");
+        assert_eq!(r.last().unwrap().kind, REP_ACK, "{r:?}");
+    };
+
+    // Control: selected, then GO for the same (empty) name.
+    let mut c = Raw::handshake(s.srv.addr());
+    c.opt(OPT_STRUCTURED_REPLY, &[]);
+    select(&mut c, "");
+    c.go();
+    assert_eq!(block_status_error(&mut c, 1), 0, "selected context works");
+
+    // Malformed SET data after a good SET.
+    let mut c = Raw::handshake(s.srv.addr());
+    c.opt(OPT_STRUCTURED_REPLY, &[]);
+    select(&mut c, "");
+    let r = c.opt(OPT_SET_META_CONTEXT, &[0, 0, 0, 0, 0, 0, 0, 9]);
+    assert_eq!(r.len(), 1, "{r:?}");
+    assert_eq!(r[0].kind, REP_ERR_INVALID, "{r:?}");
+    c.go();
+    assert_eq!(
+        block_status_error(&mut c, 2),
+        EINVAL,
+        "cleared by a malformed SET"
+    );
+
+    // A query without a namespace after a good SET.
+    let mut c = Raw::handshake(s.srv.addr());
+    c.opt(OPT_STRUCTURED_REPLY, &[]);
+    select(&mut c, "");
+    let r = c.opt(OPT_SET_META_CONTEXT, &meta_data(&["nonamespace"]));
+    assert!(r[0].kind & 0x8000_0000 != 0, "an error reply: {r:?}");
+    c.go();
+    assert_eq!(
+        block_status_error(&mut c, 3),
+        EINVAL,
+        "cleared by a failed SET"
+    );
+
+    // A LIST does not change what SET chose.
+    let mut c = Raw::handshake(s.srv.addr());
+    c.opt(OPT_STRUCTURED_REPLY, &[]);
+    select(&mut c, "");
+    c.opt(OPT_LIST_META_CONTEXT, &meta_data(&["nonamespace"]));
+    c.go();
+    assert_eq!(
+        block_status_error(&mut c, 4),
+        0,
+        "LIST leaves the selection"
+    );
+
+    // Chosen for another export name, then GO for "".
+    let mut c = Raw::handshake(s.srv.addr());
+    c.opt(OPT_STRUCTURED_REPLY, &[]);
+    select(&mut c, "other");
+    c.go();
+    assert_eq!(
+        block_status_error(&mut c, 5),
+        EINVAL,
+        "contexts of another name"
+    );
 }

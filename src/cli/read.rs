@@ -1,12 +1,13 @@
 //! `flexnbd read`: read bytes from an NBD server to stdout in one request.
 
-use super::serve::{ip_arg, port_arg};
+use super::serve::{ip_arg, port_arg, seconds_arg};
 use super::Global;
 use crate::addr::Endpoint;
 use crate::client::{ConnectOptions, Connection};
 use anyhow::Context;
 use std::net::IpAddr;
 use std::os::fd::AsFd;
+use std::time::Duration;
 
 /// Largest offset `read` and `write` accept.
 pub const MAX_FROM: u64 = 1 << 62;
@@ -33,14 +34,28 @@ pub struct Args {
     #[arg(short = 'b', long, value_name = "BIND_ADDR", value_parser = ip_arg)]
     pub bind: Option<IpAddr>,
     #[command(flatten)]
+    pub timeouts: Timeouts,
+    #[command(flatten)]
     pub global: Global,
+}
+
+/// How long `read` and `write` wait for the server (the C flexnbd's limits).
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub struct Timeouts {
+    /// Seconds allowed to connect.
+    #[arg(long, value_name = "SECONDS", default_value = "15", value_parser = seconds_arg)]
+    pub connect_timeout: Duration,
+    /// Seconds allowed for the greeting, and for each reply to start (and
+    /// for each pause while data moves).
+    #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = seconds_arg)]
+    pub reply_timeout: Duration,
 }
 
 pub fn run(args: Args) -> anyhow::Result<i32> {
     args.global.apply();
     check_limits(args.from, args.size)?;
     let endpoint = endpoint(&args.addr, args.port)?;
-    let mut conn = connect(&endpoint, args.bind)?;
+    let mut conn = connect(&endpoint, args.bind, args.timeouts)?;
     if args.size > 0 {
         let mut out = std::fs::File::from(
             std::io::stdout()
@@ -75,10 +90,17 @@ pub(crate) fn endpoint(addr: &str, port: Option<u16>) -> anyhow::Result<Endpoint
     Ok(Endpoint::from_addr_port(addr, port.as_deref())?)
 }
 
-/// Connects and negotiates with the default options (simple replies).
-pub(crate) fn connect(endpoint: &Endpoint, bind: Option<IpAddr>) -> anyhow::Result<Connection> {
+/// Connects and negotiates (simple replies) within `t`.
+pub(crate) fn connect(
+    endpoint: &Endpoint,
+    bind: Option<IpAddr>,
+    t: Timeouts,
+) -> anyhow::Result<Connection> {
     let opts = ConnectOptions {
         bind,
+        connect_timeout: t.connect_timeout,
+        greeting_timeout: t.reply_timeout,
+        request_timeout: Some(t.reply_timeout),
         ..ConnectOptions::default()
     };
     let conn = Connection::connect(endpoint, &opts)?;

@@ -33,6 +33,13 @@ pub struct ServeOpts {
     /// Speak the old-style handshake of the original C flexnbd instead of fixed newstyle.
     #[arg(long)]
     pub oldstyle: bool,
+    /// A client must finish the whole handshake within this many seconds.
+    #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = seconds_arg)]
+    pub handshake_timeout: std::time::Duration,
+    /// Clients served at once; further connections are closed at once.
+    #[arg(long, value_name = "N", default_value_t = crate::server::MAX_CLIENTS,
+          value_parser = clients_arg)]
+    pub max_clients: usize,
     #[command(flatten)]
     pub global: Global,
     /// Access control list entries: IP or IP/prefix, IPv4 or IPv6.
@@ -45,6 +52,26 @@ pub struct ServeOpts {
 pub struct Args {
     #[command(flatten)]
     pub opts: ServeOpts,
+}
+
+/// A positive number of seconds (fractions allowed), at most a day.
+pub fn seconds_arg(s: &str) -> Result<std::time::Duration, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 && v <= 86_400.0 => {
+            Ok(std::time::Duration::from_secs_f64(v))
+        }
+        _ => Err(format!(
+            "not a number of seconds above 0 and at most 86400: {s:?}"
+        )),
+    }
+}
+
+/// A number of clients from 1 to a million.
+pub fn clients_arg(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if (1..=1_000_000).contains(&n) => Ok(n),
+        _ => Err(format!("not a number of clients from 1 to 1000000: {s:?}")),
+    }
 }
 
 pub fn port_arg(s: &str) -> Result<u16, String> {

@@ -1,6 +1,6 @@
 //! `flexnbd write`: write bytes from stdin to an NBD server in one request.
 
-use super::read::{check_limits, connect, endpoint};
+use super::read::{check_limits, connect, endpoint, Timeouts};
 use super::serve::{ip_arg, port_arg};
 use super::Global;
 use anyhow::Context;
@@ -27,6 +27,8 @@ pub struct Args {
     #[arg(short = 'b', long, value_name = "BIND_ADDR", value_parser = ip_arg)]
     pub bind: Option<IpAddr>,
     #[command(flatten)]
+    pub timeouts: Timeouts,
+    #[command(flatten)]
     pub global: Global,
 }
 
@@ -34,7 +36,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     args.global.apply();
     check_limits(args.from, args.size)?;
     let endpoint = endpoint(&args.addr, args.port)?;
-    let mut conn = connect(&endpoint, args.bind)?;
+    let mut conn = connect(&endpoint, args.bind, args.timeouts)?;
     if args.size > 0 {
         let mut input = std::fs::File::from(
             std::io::stdin()

@@ -73,6 +73,8 @@ pub enum CommandError {
     MirrorTooManyParameters,
     #[error("mirror_max_bps takes exactly one parameter")]
     MaxBpsParameterCount,
+    #[error("{0} takes no parameters")]
+    NoParameters(&'static str),
 }
 
 impl CommandError {
@@ -109,8 +111,14 @@ pub fn parse<S: AsRef<str>>(lines: &[S]) -> Result<Command, CommandError> {
             [n] => max_bps(n).map(Command::MirrorMaxBps),
             _ => Err(CommandError::MaxBpsParameterCount),
         },
-        "break" => Ok(Command::Break),
-        "mirror_wait" => Ok(Command::MirrorWait),
+        "break" => match args.as_slice() {
+            [] => Ok(Command::Break),
+            _ => Err(CommandError::NoParameters("break")),
+        },
+        "mirror_wait" => match args.as_slice() {
+            [] => Ok(Command::MirrorWait),
+            _ => Err(CommandError::NoParameters("mirror_wait")),
+        },
         _ => Err(CommandError::UnknownCommand),
     }
 }
@@ -507,7 +515,9 @@ mod tests {
             ("", "9: missing command"),
             ("frobnicate", "10: unknown command"),
             ("STATUS", "10: unknown command"),
-            ("break|x", "1: not mirroring second line"),
+            ("break", "1: not mirroring second line"),
+            ("break|x", "1: break takes no parameters"),
+            ("mirror_wait|x", "1: mirror_wait takes no parameters"),
             ("acl", "0: updated"),
             ("mirror|x", "1: mirror takes at least two parameters"),
             ("mirror|x|1", "1: bad IP address"),

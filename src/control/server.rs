@@ -46,8 +46,8 @@ impl Default for Limits {
             max_line: 4096,
             max_lines: 1024,
             max_request: 256 * 1024,
-            max_connections: 16,
-            request_timeout: Duration::from_secs(10),
+            max_connections: 64,
+            request_timeout: Duration::from_secs(1),
             write_timeout: Duration::from_secs(10),
         }
     }

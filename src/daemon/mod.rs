@@ -77,6 +77,31 @@ fn stall_budget() -> anyhow::Result<Duration> {
     }
 }
 
+/// Descriptors kept for the control socket, a migration, the image and
+/// the listeners, whatever the clients take.
+const RESERVED_FDS: u64 = 64;
+/// Descriptors a client connection holds (its socket, the reader's and the
+/// server's handles on it).
+const FDS_PER_CLIENT: u64 = 3;
+
+/// Raises the soft descriptor limit to the hard one and fits `wanted`
+/// clients into it, leaving room for everything else.
+fn client_limit(wanted: usize) -> usize {
+    let fds = match crate::sys::raise_nofile_limit() {
+        Ok(n) => n,
+        Err(e) => {
+            warn!("cannot read the descriptor limit: {e}");
+            return wanted;
+        }
+    };
+    let fit = (fds.saturating_sub(RESERVED_FDS) / FDS_PER_CLIENT).max(1);
+    if (wanted as u64) > fit {
+        warn!("only {fit} clients fit in the limit of {fds} open files; serving at most {fit}");
+        return fit as usize;
+    }
+    wanted
+}
+
 /// The TCP addresses of `listeners`.
 fn tcp_addresses(listeners: &[Listener]) -> Vec<std::net::SocketAddr> {
     listeners
@@ -160,10 +185,14 @@ pub fn run(mode: Mode, opts: &ServeOpts, rebind: Option<Rebind>) -> anyhow::Resu
     let export = Export::open(&opts.file, opts.read_only)
         .with_context(|| format!("cannot open {}", opts.file.display()))?;
     let export = Arc::new(export);
+    let max_clients = client_limit(opts.max_clients);
     let server = Server::new(
         export.clone(),
         Config {
             oldstyle: opts.oldstyle,
+            handshake_timeout: opts.handshake_timeout,
+            send_timeout: env_secs("FLEXNBD_SEND_TIMEOUT_SECS", crate::server::SEND_TIMEOUT)?,
+            max_clients,
         },
         acl,
     );

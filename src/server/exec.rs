@@ -11,9 +11,9 @@ use crate::proto::reply::{
     block_status_chunk, error_chunk, none_chunk, offset_data_header, offset_hole_chunk,
 };
 use crate::proto::{NbdErrno, Request, SimpleReply};
-use crate::server::handshake::BASE_ALLOCATION_ID;
+use crate::server::handshake::{BASE_ALLOCATION_ID, MAX_PAYLOAD};
 use crate::storage::Extent;
-use std::io::{self, Write};
+use std::io;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -23,8 +23,9 @@ const HOLE_READ_MIN: usize = 64 * 1024;
 const MAX_EXTENTS: usize = 1 << 14;
 /// Room kept for one error reply.
 const ERROR_ROOM: usize = 4200;
-/// Piece size when a reply is too large for the reply buffer.
-const STREAM_PIECE: usize = MAX_BUFFERED_READ;
+/// Most chunks a structured read is split into (the rest of the read is
+/// one more data chunk).
+const MAX_READ_CHUNKS: usize = 64;
 
 /// The one place that maps export errors to NBD errors.
 pub fn errno(e: &export::Error) -> NbdErrno {
@@ -48,7 +49,7 @@ fn slow(op: &Op) -> bool {
 impl Session {
     fn ensure_room(&self, w: &mut Worker, n: usize) -> io::Result<()> {
         if w.out.room() < n {
-            w.out.send(&self.conn, &self.writer)?;
+            w.out.send(&self.conn, &self.writer, self.send)?;
         }
         Ok(())
     }
@@ -109,7 +110,7 @@ impl Session {
             };
             if slow(&op) {
                 // Replies already made need not wait for the disk, nor other requests.
-                w.out.send(&self.conn, &self.writer)?;
+                w.out.send(&self.conn, &self.writer, self.send)?;
                 self.slow_request_seen();
             }
             let gate = ex.gate();
@@ -118,7 +119,7 @@ impl Session {
                 None => {
                     // Requests are held (a hand-over or a pause): replies made so
                     // far must not wait with them.
-                    w.out.send(&self.conn, &self.writer)?;
+                    w.out.send(&self.conn, &self.writer, self.send)?;
                     gate.enter()
                 }
             };
@@ -168,7 +169,7 @@ impl Session {
             if gate.is_closed() {
                 // Whoever closed the gate waits for this pass: by then every
                 // executed request's reply is on the wire, before any ESHUTDOWN.
-                w.out.send(&self.conn, &self.writer)?;
+                w.out.send(&self.conn, &self.writer, self.send)?;
             }
         }
         Ok(())
@@ -193,9 +194,9 @@ impl Session {
             .collect();
         let chunk = block_status_chunk(req.cookie, BASE_ALLOCATION_ID, &desc, true);
         if chunk.len() > OUT_CAP {
-            w.out.send(&self.conn, &self.writer)?;
+            w.out.send(&self.conn, &self.writer, self.send)?;
             let _g = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-            return (&self.conn).write_all(&chunk);
+            return self.send_all(&chunk);
         }
         self.ensure_room(w, chunk.len())?;
         w.out.push(&chunk);
@@ -212,9 +213,6 @@ impl Session {
 
     fn read(self: &Arc<Self>, w: &mut Worker, req: &Request, df: bool) -> io::Result<()> {
         let len = req.length as usize;
-        if len > MAX_BUFFERED_READ {
-            return self.stream_read(w, req);
-        }
         let structured = self.neg.structured;
         if structured && len == 0 {
             self.ensure_room(w, 20)?;
@@ -222,24 +220,31 @@ impl Session {
             return Ok(());
         }
         if structured && !df && len >= HOLE_READ_MIN {
-            let storage = self.export.storage();
-            if let Ok(lead) = storage.leading_hole(req.offset, len as u64) {
-                if lead > 0 {
-                    let mut ext = vec![Extent {
-                        len: lead,
-                        hole: true,
-                    }];
-                    if lead < len as u64 {
-                        ext.push(Extent {
-                            len: len as u64 - lead,
-                            hole: false,
-                        });
-                    }
-                    return self.read_sparse(w, req, &ext);
-                }
+            // Chunks on the real data/hole boundaries.
+            let map = self
+                .export
+                .storage()
+                .data_map(req.offset, len as u64, MAX_READ_CHUNKS)
+                .unwrap_or_default();
+            let all_data = map.len() <= 1 && map.first().is_none_or(|e| !e.hole);
+            if !all_data {
+                return match len > MAX_BUFFERED_READ {
+                    true => self.stream_read(w, req, &map),
+                    false => self.read_sparse(w, req, &map),
+                };
             }
         }
-        if len >= ZERO_COPY_MIN {
+        // Beyond the maximum payload (only the C flexnbd's `read` asks for
+        // that much), data comes in chunks of at most that size.
+        if structured && len > MAX_PAYLOAD as usize {
+            let all = [Extent {
+                len: len as u64,
+                hole: false,
+            }];
+            return self.stream_read(w, req, &all);
+        }
+        // One data chunk (DF, up to the maximum payload), or a simple reply.
+        if len >= ZERO_COPY_MIN || len > MAX_BUFFERED_READ {
             return self.read_zero_copy(w, req);
         }
         let hdr = if structured { 28 } else { 16 };
@@ -302,31 +307,35 @@ impl Session {
         Ok(())
     }
 
-    /// A read too large for the reply buffer, sent in pieces straight from the
-    /// page cache (structured: a hole or data chunk per piece).
-    fn stream_read(&self, w: &mut Worker, req: &Request) -> io::Result<()> {
-        if !self.neg.structured {
-            return self.read_zero_copy(w, req);
-        }
-        w.out.send(&self.conn, &self.writer)?;
+    /// A structured read too large for the reply buffer, as hole and data
+    /// chunks following `map`, the data straight from the page cache. Ends
+    /// with a NONE chunk (a read error can still show up as the data goes out).
+    fn stream_read(&self, w: &mut Worker, req: &Request, map: &[Extent]) -> io::Result<()> {
+        w.out.send(&self.conn, &self.writer, self.send)?;
         let _g = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        let mut c = &self.conn;
-        let end = req.offset + req.length as u64;
         let mut pos = req.offset;
-        while pos < end {
-            let n = ((end - pos) as usize).min(STREAM_PIECE);
-            let storage = self.export.storage();
-            if storage.is_hole(pos, n as u64).unwrap_or(false) {
-                c.write_all(&offset_hole_chunk(req.cookie, pos, n as u32, false))?;
-            } else {
-                self.send_header(&offset_data_header(req.cookie, pos, n as u32, false))?;
-                if let Err(e) = self.splice(pos, n)? {
-                    return c.write_all(&error_chunk(req.cookie, errno(&e), &e.to_string()));
+        for e in map {
+            if e.hole {
+                let mut left = e.len;
+                while left > 0 {
+                    let n = left.min(u32::MAX as u64 & !0xfff);
+                    self.send_all(&offset_hole_chunk(req.cookie, pos, n as u32, false))?;
+                    pos += n;
+                    left -= n;
                 }
+                continue;
             }
-            pos += n as u64;
+            let end = pos + e.len;
+            while pos < end {
+                let n = (end - pos).min(MAX_PAYLOAD as u64);
+                self.send_header(&offset_data_header(req.cookie, pos, n as u32, false))?;
+                if let Err(err) = self.splice(pos, n as usize)? {
+                    return self.send_all(&error_chunk(req.cookie, errno(&err), &err.to_string()));
+                }
+                pos += n;
+            }
         }
-        c.write_all(&none_chunk(req.cookie))
+        self.send_all(&none_chunk(req.cookie))
     }
 
     /// A write too large to gather, executed while its payload streams in.

@@ -1,7 +1,7 @@
 //! Server side of the handshake: greeting and option haggling up to the
 //! transmission phase.
 
-use super::conn::Conn;
+use super::conn::Deadline;
 use crate::proto::consts::*;
 use crate::proto::handshake::{
     export_name_reply, info_block_size, info_export, info_string, newstyle_greeting,
@@ -27,6 +27,8 @@ pub struct ExportInfo {
     pub size: u64,
     pub read_only: bool,
     pub oldstyle: bool,
+    /// The minimum block size advertised (a block device's logical block size).
+    pub min_block: u32,
 }
 
 /// What was agreed for the transmission phase.
@@ -43,6 +45,8 @@ pub enum HandshakeError {
     Closed,
     #[error("client aborted the handshake")]
     Aborted,
+    #[error("handshake not completed in time")]
+    TimedOut,
     #[error("protocol violation: {0}")]
     Proto(#[from] ProtoError),
     #[error("{0}")]
@@ -54,7 +58,11 @@ pub enum HandshakeError {
 impl From<io::Error> for HandshakeError {
     fn from(e: io::Error) -> Self {
         match e.kind() {
-            io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset => HandshakeError::Closed,
+            io::ErrorKind::UnexpectedEof
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe => HandshakeError::Closed,
+            io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => HandshakeError::TimedOut,
             _ => HandshakeError::Io(e),
         }
     }
@@ -75,9 +83,10 @@ pub fn transmission_flags(info: &ExportInfo, structured: bool) -> u16 {
     f
 }
 
-/// Runs the handshake; `Ok` means the transmission phase starts.
+/// Runs the handshake, all of it bounded by `conn`'s deadline; `Ok` means
+/// the transmission phase starts.
 pub fn negotiate(
-    conn: &Conn,
+    conn: &Deadline<'_>,
     info: &ExportInfo,
     shutting_down: &AtomicBool,
 ) -> Result<Negotiated, HandshakeError> {
@@ -105,16 +114,19 @@ pub fn negotiate(
         cflags,
         structured: false,
         base_allocation: false,
+        meta_export: None,
     };
     h.run(shutting_down)
 }
 
 struct Haggle<'a> {
-    conn: &'a Conn,
+    conn: &'a Deadline<'a>,
     info: &'a ExportInfo,
     cflags: ClientFlags,
     structured: bool,
     base_allocation: bool,
+    /// The export name the selected meta contexts were chosen for.
+    meta_export: Option<String>,
 }
 
 impl Haggle<'_> {
@@ -127,10 +139,12 @@ impl Haggle<'_> {
         self.reply(option, kind, msg.as_bytes())
     }
 
-    fn negotiated(&self) -> Negotiated {
+    /// What the transmission phase for export `name` gets: contexts chosen
+    /// for another export name do not carry over.
+    fn negotiated(&self, name: &str) -> Negotiated {
         Negotiated {
             structured: self.structured,
-            base_allocation: self.base_allocation,
+            base_allocation: self.base_allocation && self.meta_export.as_deref() == Some(name),
             flags: transmission_flags(self.info, self.structured),
         }
     }
@@ -174,10 +188,10 @@ impl Haggle<'_> {
     fn option(&mut self, opt: u32, data: &[u8]) -> Result<Option<Negotiated>, HandshakeError> {
         match opt {
             OPT_EXPORT_NAME => {
-                if valid_string(data).is_none() {
+                let Some(name) = valid_string(data) else {
                     return Err(HandshakeError::Refused("bad export name"));
-                }
-                let n = self.negotiated();
+                };
+                let n = self.negotiated(name);
                 let mut c = self.conn;
                 c.write_all(&export_name_reply(
                     self.info.size,
@@ -237,13 +251,17 @@ impl Haggle<'_> {
                 return Ok(None);
             }
         };
-        let n = self.negotiated();
+        let n = self.negotiated(&req.name);
         self.reply(opt, REP_INFO, &info_export(self.info.size, n.flags))?;
         // Block sizes are always sent: clients that did not ask may ignore them.
         self.reply(
             opt,
             REP_INFO,
-            &info_block_size(MIN_BLOCK, PREFERRED_BLOCK, MAX_PAYLOAD),
+            &info_block_size(
+                self.info.min_block.max(MIN_BLOCK),
+                PREFERRED_BLOCK.max(self.info.min_block),
+                MAX_PAYLOAD,
+            ),
         )?;
         if req.infos.contains(&INFO_NAME) {
             self.reply(opt, REP_INFO, &info_string(INFO_NAME, &req.name))?;
@@ -256,6 +274,11 @@ impl Haggle<'_> {
     }
 
     fn meta_context(&mut self, opt: u32, data: &[u8]) -> io::Result<()> {
+        if opt == OPT_SET_META_CONTEXT {
+            // SET replaces every context chosen before, even when it fails.
+            self.base_allocation = false;
+            self.meta_export = None;
+        }
         if !self.structured {
             return self.error(
                 opt,
@@ -290,6 +313,7 @@ impl Haggle<'_> {
         }
         if !list {
             self.base_allocation = selected;
+            self.meta_export = Some(req.name.clone());
         }
         self.reply(opt, REP_ACK, &[])
     }

@@ -14,6 +14,7 @@ pub mod validate;
 mod zerocopy;
 
 pub use conn::Conn;
+use conn::{Deadline, SendLimit};
 pub use intake::{Admit, Intake, SenderTrack, SessionEnd};
 pub use listener::{Bound, Listener};
 pub use session::End;
@@ -28,18 +29,47 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-/// A client that does not finish the handshake in this time is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
-/// A client that stops reading replies for this long is dropped.
-const SEND_TIMEOUT: Duration = Duration::from_secs(120);
+/// Default for [`Config::handshake_timeout`].
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default for [`Config::send_timeout`].
+pub const SEND_TIMEOUT: Duration = Duration::from_secs(120);
+/// Default for [`Config::max_clients`].
+pub const MAX_CLIENTS: usize = 512;
 /// How long a new sender waits for the silent one it replaces to finish.
 const REPLACE_WAIT: Duration = Duration::from_secs(30);
+/// At most one "too many clients" log line per this interval.
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Server-wide settings.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 pub struct Config {
     /// Send the old-style greeting instead of fixed newstyle.
     pub oldstyle: bool,
+    /// The whole handshake must be over within this time.
+    pub handshake_timeout: Duration,
+    /// Sending one reply (or batch of replies) must be over within this time;
+    /// a client that reads slower than that is dropped.
+    pub send_timeout: Duration,
+    /// Connections served at once; more are closed at accept, nothing read.
+    pub max_clients: usize,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            oldstyle: false,
+            handshake_timeout: HANDSHAKE_TIMEOUT,
+            send_timeout: SEND_TIMEOUT,
+            max_clients: MAX_CLIENTS,
+        }
+    }
+}
+
+/// Connections refused for being over the limit, and when that was last logged.
+#[derive(Default)]
+struct Refusals {
+    count: u64,
+    logged: Option<Instant>,
 }
 
 struct Client {
@@ -59,6 +89,7 @@ pub struct Server {
     /// Who decides admissions while a migration is awaited; `None`: everyone
     /// the ACL allows is a client.
     intake: RwLock<Option<Arc<dyn Intake>>>,
+    refusals: Mutex<Refusals>,
 }
 
 impl Server {
@@ -72,6 +103,7 @@ impl Server {
             next_id: AtomicU64::new(1),
             shutting_down: AtomicBool::new(false),
             intake: RwLock::new(None),
+            refusals: Mutex::new(Refusals::default()),
         })
     }
 
@@ -180,6 +212,10 @@ impl Server {
             conn.shutdown(Shutdown::Both);
             return;
         }
+        if self.num_clients() >= self.config.max_clients {
+            self.refuse_over_limit(&conn);
+            return;
+        }
         if let Conn::Tcp(s) = &conn {
             crate::net::tune_client_tcp(s);
         }
@@ -257,6 +293,28 @@ impl Server {
         }
     }
 
+    /// Closes a connection over the client limit, logging that at most
+    /// once per [`REFUSAL_LOG_INTERVAL`] (with how many were refused).
+    fn refuse_over_limit(&self, conn: &Conn) {
+        // Named first: a shut-down socket has no peer address any more.
+        let peer = conn.peer_name();
+        conn.shutdown(Shutdown::Both);
+        let mut r = self.refusals.lock().unwrap_or_else(|p| p.into_inner());
+        r.count += 1;
+        let now = Instant::now();
+        if r.logged
+            .is_none_or(|t| now.duration_since(t) >= REFUSAL_LOG_INTERVAL)
+        {
+            warn!(
+                "{} clients connected (the limit, --max-clients): refused {} connection(s), \
+                 the last from {}",
+                self.config.max_clients, r.count, peer
+            );
+            r.count = 0;
+            r.logged = Some(now);
+        }
+    }
+
     /// Closes connection `id` in both directions.
     fn cut(&self, id: u64) {
         let clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
@@ -290,32 +348,44 @@ impl Server {
             size: self.export.size(),
             read_only: self.export.read_only(),
             oldstyle: self.config.oldstyle,
+            min_block: self.export.storage().min_block(),
         };
-        let _ = conn.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
-        let _ = conn.set_write_timeout(Some(SEND_TIMEOUT));
-        let neg = match negotiate(&conn, &info, &self.shutting_down) {
+        let deadline = Deadline::new(&conn, Instant::now() + self.config.handshake_timeout);
+        let neg = match negotiate(&deadline, &info, &self.shutting_down) {
             Ok(n) => n,
             Err(HandshakeError::Closed | HandshakeError::Aborted) => {
                 info!("{name}: closed during the handshake");
                 return End::Closed;
+            }
+            Err(HandshakeError::TimedOut) => {
+                info!(
+                    "{name}: handshake timed out after {}s",
+                    self.config.handshake_timeout.as_secs_f64()
+                );
+                return End::Error("handshake timed out".into());
             }
             Err(e) => {
                 warn!("{name}: handshake failed: {e}");
                 return End::Error(e.to_string());
             }
         };
+        let limit = SendLimit {
+            total: self.config.send_timeout,
+        };
         let _ = conn.set_read_timeout(None);
+        let _ = conn.set_write_timeout(Some(limit.slice()));
         debug!("{name}: negotiated {neg:?}");
         if let Some(t) = &sender {
             t.request_arrived();
         }
-        let session = match Session::new(self.export.clone(), conn, neg, name.clone(), sender) {
-            Ok(s) => s,
-            Err(e) => {
-                warn!("{name}: {e}");
-                return End::Error(e.to_string());
-            }
-        };
+        let session =
+            match Session::new(self.export.clone(), conn, neg, name.clone(), sender, limit) {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!("{name}: {e}");
+                    return End::Error(e.to_string());
+                }
+            };
         let end = session.run();
         match &end {
             // A connection cut at shutdown or hand-over ends with an error by design.

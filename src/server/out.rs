@@ -1,7 +1,7 @@
 //! Reply bytes gathered by one worker and sent with a single write.
 
-use super::conn::Conn;
-use std::io::{self, Write};
+use super::conn::{Conn, SendLimit};
+use std::io;
 use std::sync::Mutex;
 
 /// Capacity of a worker's reply buffer.
@@ -49,13 +49,14 @@ impl Out {
         &mut self.buf[s..s + n]
     }
 
-    /// Sends everything gathered, under the connection's writer lock.
-    pub fn send(&mut self, conn: &Conn, writer: &Mutex<()>) -> io::Result<()> {
+    /// Sends everything gathered, under the connection's writer lock,
+    /// within the send limit.
+    pub fn send(&mut self, conn: &Conn, writer: &Mutex<()>, limit: SendLimit) -> io::Result<()> {
         if self.used == 0 {
             return Ok(());
         }
         let _g = writer.lock().unwrap_or_else(|p| p.into_inner());
-        let r = (&*conn).write_all(&self.buf[..self.used]);
+        let r = conn.send_all(&self.buf[..self.used], limit.deadline());
         self.used = 0;
         r
     }

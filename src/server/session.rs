@@ -3,7 +3,7 @@
 //! concurrently and send each batch's replies with one write (writer lock), so
 //! replies go out of order as the protocol allows.
 
-use super::conn::Conn;
+use super::conn::{Conn, SendLimit};
 use super::handshake::Negotiated;
 use super::intake::SenderTrack;
 use super::out::{Out, OUT_CAP};
@@ -14,12 +14,14 @@ use crate::proto::Request;
 use std::io;
 use std::net::Shutdown;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Workers per connection once requests turn out slow.
 const MAX_WORKERS: usize = 4;
+/// An extra worker that has had nothing to read for this long exits.
+const WORKER_IDLE: Duration = Duration::from_secs(2);
 /// Requests taken per turn at the reader.
 const MAX_BATCH: usize = 32;
 /// A request taking longer than this reveals slow storage.
@@ -60,6 +62,10 @@ pub struct Session {
     pub(super) neg: Negotiated,
     pub(super) writer: Mutex<()>,
     reader: Mutex<Reader>,
+    /// A worker holds the reader (is reading or waiting for a request);
+    /// the others wait on `reading_cv` for their turn.
+    reading: Mutex<bool>,
+    reading_cv: Condvar,
     stop: AtomicBool,
     end: Mutex<Option<End>>,
     idle: AtomicUsize,
@@ -71,6 +77,8 @@ pub struct Session {
     pub(super) name: String,
     /// What an incoming migration's sender has sent.
     sender: Option<Arc<SenderTrack>>,
+    /// How long a send may take.
+    pub(super) send: SendLimit,
 }
 
 impl Session {
@@ -80,6 +88,7 @@ impl Session {
         neg: Negotiated,
         name: String,
         sender: Option<Arc<SenderTrack>>,
+        send: SendLimit,
     ) -> io::Result<Arc<Session>> {
         let reader = Reader::new(conn.try_clone()?);
         Ok(Arc::new(Session {
@@ -88,6 +97,8 @@ impl Session {
             neg,
             writer: Mutex::new(()),
             reader: Mutex::new(reader),
+            reading: Mutex::new(false),
+            reading_cv: Condvar::new(),
             stop: AtomicBool::new(false),
             end: Mutex::new(None),
             idle: AtomicUsize::new(0),
@@ -96,13 +107,14 @@ impl Session {
             handles: Mutex::new(Vec::new()),
             name,
             sender,
+            send,
         }))
     }
 
     /// Serves requests until the client disconnects or the session is stopped;
     /// waits for every in-flight request to be answered.
     pub fn run(self: &Arc<Self>) -> End {
-        self.work();
+        self.work(false);
         self.finish(End::Closed);
         self.conn.shutdown(Shutdown::Read);
         loop {
@@ -120,6 +132,11 @@ impl Session {
             .unwrap_or_else(|p| p.into_inner())
             .clone()
             .unwrap_or(End::Closed)
+    }
+
+    /// Writes `b` to the client within the send limit.
+    pub(super) fn send_all(&self, b: &[u8]) -> io::Result<()> {
+        self.conn.send_all(b, self.send.deadline())
     }
 
     /// Records that this client wrote, zeroed or trimmed `[off, off + len)`.
@@ -145,44 +162,90 @@ impl Session {
     /// Records why the session ends (the first reason wins) and stops reading.
     fn finish(&self, why: End) {
         self.stop.store(true, SeqCst);
-        let mut e = self.end.lock().unwrap_or_else(|p| p.into_inner());
-        if e.is_none() {
-            *e = Some(why);
+        {
+            let mut e = self.end.lock().unwrap_or_else(|p| p.into_inner());
+            if e.is_none() {
+                *e = Some(why);
+            }
         }
+        let _g = self.reading.lock().unwrap_or_else(|p| p.into_inner());
+        self.reading_cv.notify_all();
     }
 
     fn stopped(&self) -> bool {
         self.stop.load(SeqCst)
     }
 
-    fn work(self: &Arc<Self>) {
+    /// A worker's loop. `extra`: a worker started for slow requests, which
+    /// exits once it has had nothing to do for [`WORKER_IDLE`].
+    fn work(self: &Arc<Self>, extra: bool) {
         let mut w = Worker {
             out: Out::new(),
             payload: Vec::new(),
             batch: Vec::with_capacity(MAX_BATCH),
         };
         while !self.stopped() {
-            if let Err(e) = self.turn(&mut w) {
-                self.finish(End::Error(e.to_string()));
-                self.conn.shutdown(Shutdown::Both);
+            match self.turn(&mut w, extra) {
+                Ok(true) => {}
+                Ok(false) => return,
+                Err(e) => {
+                    // A client that went away is not an error of ours.
+                    let end = match e.kind() {
+                        io::ErrorKind::BrokenPipe
+                        | io::ErrorKind::ConnectionReset
+                        | io::ErrorKind::ConnectionAborted => End::Closed,
+                        _ => End::Error(e.to_string()),
+                    };
+                    self.finish(end);
+                    self.conn.shutdown(Shutdown::Both);
+                }
             }
         }
     }
 
-    /// One turn: take a batch at the reader, execute it, send the replies.
-    fn turn(self: &Arc<Self>, w: &mut Worker) -> io::Result<()> {
+    /// One turn: wait for the reader, take a batch, execute it, send the
+    /// replies. `Ok(false)`: this (extra) worker was idle and has retired.
+    fn turn(self: &Arc<Self>, w: &mut Worker, extra: bool) -> io::Result<bool> {
         self.idle.fetch_add(1, SeqCst);
-        let mut rd = self.reader.lock().unwrap_or_else(|p| p.into_inner());
+        let retire_at = extra.then(|| Instant::now() + WORKER_IDLE);
+        let g = self.reading.lock().unwrap_or_else(|p| p.into_inner());
+        let (mut g, my_turn) = crate::wait::until(&self.reading_cv, g, retire_at, |busy| {
+            !*busy || self.stopped()
+        });
         self.idle.fetch_sub(1, SeqCst);
         if self.stopped() {
-            return Ok(());
+            return Ok(true);
         }
-        let gathered = self.gather(&mut rd, w);
-        drop(rd);
+        if !my_turn {
+            drop(g);
+            return Ok(!self.retire());
+        }
+        *g = true;
+        drop(g);
+        let gathered = {
+            let mut rd = self.reader.lock().unwrap_or_else(|p| p.into_inner());
+            self.gather(&mut rd, w, extra)
+        };
+        {
+            *self.reading.lock().unwrap_or_else(|p| p.into_inner()) = false;
+            self.reading_cv.notify_one();
+        }
+        if let Ok(true) = gathered {
+            // Nothing to read for a while: an extra worker is not needed.
+            return Ok(!self.retire());
+        }
+        let gathered = gathered.map(|_| ());
         self.add_worker_if_needed();
         let executed = self.execute(w);
-        let sent = w.out.send(&self.conn, &self.writer);
-        gathered.and(executed).and(sent)
+        let sent = w.out.send(&self.conn, &self.writer, self.send);
+        gathered.and(executed).and(sent).map(|_| true)
+    }
+
+    /// Lets an idle extra worker go (never the last one). True if it may exit.
+    fn retire(&self) -> bool {
+        self.workers
+            .fetch_update(SeqCst, SeqCst, |n| (n > 1).then(|| n - 1))
+            .is_ok()
     }
 
     /// Storage turned out slow: from now on, requests are executed by several
@@ -212,11 +275,13 @@ impl Session {
         if self.stopped() || self.workers.load(SeqCst) >= self.allowed.load(SeqCst) {
             return;
         }
+        // Workers that retired are done: forget them.
+        hs.retain(|h| !h.is_finished());
         let me = self.clone();
         let n = self.workers.fetch_add(1, SeqCst);
         match std::thread::Builder::new()
             .name(format!("{}.{}", self.name, n))
-            .spawn(move || me.work())
+            .spawn(move || me.work(true))
         {
             Ok(h) => hs.push(h),
             Err(e) => {
@@ -228,8 +293,20 @@ impl Session {
 
     /// Takes requests from the stream into `w.batch`: at least one (waiting
     /// for it), then as many as are already buffered and fit.
-    fn gather(&self, rd: &mut Reader, w: &mut Worker) -> io::Result<()> {
+    /// Takes requests from the stream into `w.batch` (see `gather_batch`).
+    /// An `extra` worker waits at most [`WORKER_IDLE`] for the first one:
+    /// `Ok(true)` means none came, and the worker may retire.
+    fn gather(&self, rd: &mut Reader, w: &mut Worker, extra: bool) -> io::Result<bool> {
         w.batch.clear();
+        if extra && self.sender.is_none() {
+            rd.set_deadline(Some(Instant::now() + WORKER_IDLE));
+            let waited = rd.peek(true);
+            rd.set_deadline(None);
+            // Anything else (a header, an error) is there for the batch to take.
+            if let Err(ReadError::Idle) = waited {
+                return Ok(true);
+            }
+        }
         // A sender's next request must arrive whole within its idle limit.
         if let Some(t) = &self.sender {
             rd.set_deadline(t.idle_limit().map(|d| std::time::Instant::now() + d));
@@ -240,7 +317,7 @@ impl Session {
                 t.request_arrived();
             }
         }
-        r
+        r.map(|_| false)
     }
 
     fn gather_batch(&self, rd: &mut Reader, w: &mut Worker) -> io::Result<()> {
@@ -319,7 +396,7 @@ impl Session {
         use crate::proto::{NbdErrno, SimpleReply};
         w.out
             .push(&SimpleReply::err(cookie, NbdErrno::Inval).encode());
-        w.out.send(&self.conn, &self.writer)
+        w.out.send(&self.conn, &self.writer, self.send)
     }
 
     fn read_failed(&self, e: ReadError) {

@@ -1,14 +1,14 @@
 //! Checks a request against the negotiated features and the export before any work.
 
 use super::handshake::Negotiated;
-use super::out::MAX_BUFFERED_READ;
 use crate::proto::consts::*;
 use crate::proto::{Command, NbdErrno, Request};
 
 /// Largest READ or WRITE accepted (the C flexnbd's `read`/`write` send up to 1 GiB).
 pub const MAX_REQUEST: u32 = 1 << 30;
-/// Largest READ with the DF flag (sent as one chunk from the reply buffer).
-pub const MAX_DF_READ: u32 = MAX_BUFFERED_READ as u32;
+/// Largest READ with the DF flag (sent as one chunk): the maximum payload
+/// advertised.
+pub const MAX_DF_READ: u32 = super::handshake::MAX_PAYLOAD;
 
 /// What a valid request asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,14 +1,17 @@
 //! Read replies sent straight from the page cache with `sendfile(2)`: the
 //! data is not copied through the server's memory.
 
+use super::conn::{is_timeout, send_by};
 use super::exec::errno;
+use super::out::MAX_BUFFERED_READ;
 use super::session::{Session, Worker};
 use crate::export;
 use crate::proto::reply::{error_chunk, none_chunk, offset_data_header};
 use crate::proto::{Request, SimpleReply};
 use crate::sys;
-use std::io::{self, Write};
+use std::io;
 use std::os::fd::AsFd;
+use std::time::Instant;
 
 /// Reads at least this long are sent with `sendfile`.
 pub(super) const ZERO_COPY_MIN: usize = 64 * 1024;
@@ -16,45 +19,60 @@ pub(super) const ZERO_COPY_MIN: usize = 64 * 1024;
 /// Zeroes for the part of a reply past the end of a file that shrank.
 static ZEROES: [u8; 64 * 1024] = [0; 64 * 1024];
 
+fn send_timed_out() -> io::Error {
+    io::Error::new(io::ErrorKind::TimedOut, "sending to the client timed out")
+}
+
 impl Session {
     /// Writes a small header that the data will follow at once.
     pub(super) fn send_header(&self, hdr: &[u8]) -> io::Result<()> {
         if !self.conn.is_tcp() {
-            return (&self.conn).write_all(hdr);
+            return self.send_all(hdr);
         }
-        let mut done = 0;
-        while done < hdr.len() {
-            match sys::send_more(self.conn.as_fd(), &hdr[done..]) {
-                Ok(n) => done += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
+        let fd = self.conn.as_fd();
+        send_by(hdr.len(), self.send.deadline(), |done| {
+            sys::send_more(fd, &hdr[done..])
+        })
     }
 
     /// Sends `len` bytes of the image at `off` after a header already sent.
     /// The outer error ends the connection; the inner one is a failure to read
     /// the image after some bytes were sent (the rest is padded with zeroes).
+    /// Each reply-buffer's worth must go out within the send limit.
     pub(super) fn splice(&self, off: u64, len: usize) -> io::Result<Result<(), export::Error>> {
         let file = self.export.storage().fd();
+        let sock = self.conn.as_fd();
         let mut sent = 0usize;
         let mut failed = None;
+        let mut deadline = self.send.deadline();
+        let mut piece_end = len.min(MAX_BUFFERED_READ);
         while sent < len {
             if failed.is_none() {
-                match sys::sendfile(self.conn.as_fd(), file, off + sent as u64, len - sent) {
+                match sys::sendfile(sock, file, off + sent as u64, len - sent) {
                     Ok(0) => failed = Some(Ok(())), // past the end: zeroes follow
                     Ok(n) => {
                         sent += n;
+                        if sent >= piece_end {
+                            deadline = self.send.deadline();
+                            piece_end = sent + MAX_BUFFERED_READ;
+                        } else if Instant::now() >= deadline {
+                            return Err(send_timed_out());
+                        }
                         continue;
                     }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) if is_timeout(&e) => {
+                        if Instant::now() >= deadline {
+                            return Err(send_timed_out());
+                        }
+                        continue;
+                    }
                     Err(e) if e.raw_os_error() == Some(libc::EIO) => failed = Some(Err(e)),
                     Err(e) => return Err(e),
                 }
             }
             let n = (len - sent).min(ZEROES.len());
-            (&self.conn).write_all(&ZEROES[..n])?;
+            self.send_all(&ZEROES[..n])?;
             sent += n;
         }
         Ok(match failed {
@@ -66,7 +84,7 @@ impl Session {
     /// A whole read reply (one data chunk, or a simple reply) sent with `sendfile`.
     pub(super) fn read_zero_copy(&self, w: &mut Worker, req: &Request) -> io::Result<()> {
         let len = req.length as usize;
-        w.out.send(&self.conn, &self.writer)?;
+        w.out.send(&self.conn, &self.writer, self.send)?;
         let _g = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         if self.neg.structured {
             // Not final: a read error can still show up while the data goes out.
@@ -74,10 +92,8 @@ impl Session {
                 req.cookie, req.offset, len as u32, false,
             ))?;
             match self.splice(req.offset, len)? {
-                Ok(()) => (&self.conn).write_all(&none_chunk(req.cookie)),
-                Err(e) => {
-                    (&self.conn).write_all(&error_chunk(req.cookie, errno(&e), &e.to_string()))
-                }
+                Ok(()) => self.send_all(&none_chunk(req.cookie)),
+                Err(e) => self.send_all(&error_chunk(req.cookie, errno(&e), &e.to_string())),
             }
         } else {
             self.send_header(&SimpleReply::ok(req.cookie).encode())?;

@@ -98,6 +98,8 @@ impl std::fmt::Display for Conflict {
 pub enum OpenError {
     #[error("{0}")]
     Io(#[from] io::Error),
+    #[error("{0}")]
+    NotServable(&'static str),
     #[error("it is in use by {}, which {conflict}", holder_name(*.holder))]
     Locked {
         /// The holder's process id, when it can be known.

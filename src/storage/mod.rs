@@ -1,7 +1,9 @@
 //! The image file: positional reads and writes, durability, holes and extents.
 //! Knows nothing of NBD.
 
+mod device;
 mod lock;
+mod map;
 mod zero;
 
 pub use lock::OpenError;
@@ -11,7 +13,7 @@ use crate::sys;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
 use std::os::fd::{AsFd, BorrowedFd};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::Path;
 
 /// Granularity of hole detection: zero blocks of this size that land on a hole
@@ -47,36 +49,66 @@ pub enum ZeroError {
     Io(#[from] io::Error),
 }
 
-/// An open image file of fixed size.
+/// An open image file (or block device) of fixed size.
 #[derive(Debug)]
 pub struct Storage {
     file: File,
     size: u64,
     writable: bool,
+    /// A block device's logical block size; `None` for a file.
+    sector: Option<u32>,
+    /// `SEEK_HOLE` costs little (not tmpfs, where it walks every page).
+    cheap_seek_hole: bool,
 }
 
 impl Storage {
-    /// Opens an existing file (or block device); its current size is the
-    /// export size. Takes the image lock (qemu's scheme: read-only users
-    /// share the image, a writer excludes other writers); a conflicting
-    /// holder is [`OpenError::Locked`].
+    /// Opens an existing file or block device; its current size is the
+    /// export size. Character devices, FIFOs, directories and empty block
+    /// devices are refused. Takes the image lock (qemu's scheme: read-only
+    /// users share the image, a writer excludes other writers); a
+    /// conflicting holder is [`OpenError::Locked`].
     pub fn open(path: &Path, read_only: bool) -> Result<Storage, OpenError> {
         let mut file = OpenOptions::new().read(true).write(!read_only).open(path)?;
         let meta = file.metadata()?;
-        if meta.is_dir() {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "is a directory").into());
-        }
-        let size = if meta.is_file() {
-            meta.len()
+        let ft = meta.file_type();
+        let (size, sector) = if ft.is_file() {
+            (meta.len(), None)
+        } else if ft.is_block_device() {
+            let size = match sys::block_device_size(file.as_fd()) {
+                Ok(n) => n,
+                Err(_) => file.seek(SeekFrom::End(0))?,
+            };
+            if size == 0 {
+                return Err(OpenError::NotServable(
+                    "it is a block device of size 0 (an unattached loop device?)",
+                ));
+            }
+            (
+                size,
+                Some(sys::block_device_sector(file.as_fd()).unwrap_or(512)),
+            )
+        } else if ft.is_dir() {
+            return Err(OpenError::NotServable("it is a directory"));
         } else {
-            file.seek(SeekFrom::End(0))?
+            return Err(OpenError::NotServable(
+                "it is not a regular file or a block device (a character device such as \
+                 /dev/zero, a FIFO or a socket cannot be served)",
+            ));
         };
         lock::lock(&file, read_only)?;
         Ok(Storage {
+            cheap_seek_hole: !sys::on_tmpfs(file.as_fd()),
             file,
             size,
             writable: !read_only,
+            sector,
         })
+    }
+
+    /// The smallest block clients should address: a block device's logical
+    /// block size, 1 for a file.
+    pub fn min_block(&self) -> u32 {
+        self.sector.unwrap_or(1)
     }
 
     pub fn size(&self) -> u64 {
@@ -204,10 +236,14 @@ impl Storage {
         }
     }
 
-    /// Deallocates the range; it then reads as zeroes. Unsupported → `Unsupported` error.
+    /// Deallocates the range; in a file it then reads as zeroes, on a block
+    /// device its contents are undefined. Unsupported → `Unsupported` error.
     pub fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
         if len == 0 {
             return Ok(());
+        }
+        if let Some(sector) = self.sector {
+            return self.discard_device(offset, len, sector);
         }
         sys::fallocate(self.fd(), sys::FALLOC_PUNCH_HOLE, offset, len).map_err(unsupported)
     }
@@ -223,6 +259,9 @@ impl Storage {
     ) -> Result<(), ZeroError> {
         if len == 0 {
             return Ok(());
+        }
+        if let Some(sector) = self.sector {
+            return self.zero_device(offset, len, mode, fast_only, sector);
         }
         let fast = match mode {
             ZeroMode::MayTrim => self.punch_hole(offset, len),
@@ -249,6 +288,7 @@ impl Storage {
         }
     }
 
+    /// Makes the range read as zeroes by writing zeroes.
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
         let zeros = vec![0u8; ZERO_CHUNK.min(len as usize)];
         let mut pos = offset;
@@ -259,42 +299,6 @@ impl Storage {
             pos += n as u64;
         }
         Ok(())
-    }
-
-    /// Allocation extents covering `[offset, offset + len)` (clipped to the file),
-    /// at most `max` of them; the last one may stop short of the end.
-    pub fn extents(&self, offset: u64, len: u64, max: usize) -> io::Result<Vec<Extent>> {
-        let end = offset.saturating_add(len).min(self.size);
-        let mut out: Vec<Extent> = Vec::new();
-        let mut pos = offset;
-        while pos < end && out.len() < max {
-            let data = match sys::seek_data(self.fd(), pos) {
-                Ok(d) => d,
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Some(pos),
-                Err(e) => return Err(e),
-            };
-            let (hole, next) = match data {
-                None => (true, end),
-                Some(d) if d > pos => (true, d.min(end)),
-                Some(_) => {
-                    let h = match sys::seek_hole(self.fd(), pos) {
-                        Ok(h) => h.unwrap_or(end),
-                        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => end,
-                        Err(e) => return Err(e),
-                    };
-                    (false, h.clamp(pos + 1, end))
-                }
-            };
-            match out.last_mut() {
-                Some(last) if last.hole == hole => last.len += next - pos,
-                _ => out.push(Extent {
-                    len: next - pos,
-                    hole,
-                }),
-            }
-            pos = next;
-        }
-        Ok(out)
     }
 
     /// Hints that the range will be read soon.

@@ -143,3 +143,63 @@ fn read_past_eof_is_zero_filled() {
     s.read_at(&mut b, 4090).unwrap();
     assert!(b.iter().all(|&x| x == 0));
 }
+
+/// The data map of a read, on tmpfs (probing) and on the default temp
+/// file system (exact `SEEK_HOLE`): the same runs where the holes are at
+/// least a probe step apart.
+#[test]
+fn data_map_finds_the_runs_of_a_read() {
+    let dirs = [Some(std::path::PathBuf::from("/dev/shm")), None];
+    for dir in dirs.iter() {
+        let f = match dir {
+            Some(d) if d.is_dir() => tempfile::NamedTempFile::new_in(d).unwrap(),
+            Some(_) => continue,
+            None => tempfile::NamedTempFile::new().unwrap(),
+        };
+        f.as_file().set_len(4 * MIB).unwrap();
+        let s = Storage::open(f.path(), false).unwrap();
+        let data = vec![0x5au8; MIB as usize];
+        s.write_at(&data[..128 << 10], 64 << 10, false).unwrap();
+        s.write_at(&data[..4096], MIB + 4096, false).unwrap();
+        s.write_at(&data, 3 * MIB, false).unwrap();
+        let runs: Vec<(u64, bool)> = s
+            .data_map(0, 4 * MIB, 64)
+            .unwrap()
+            .iter()
+            .map(|e| (e.len, e.hole))
+            .collect();
+        let want = vec![
+            (64 << 10, true),
+            (128 << 10, false),
+            (MIB + 4096 - (192 << 10), true),
+            (4096, false),
+            (2 * MIB - 8192, true),
+            (MIB, false),
+        ];
+        assert_eq!(runs, want, "on {dir:?}");
+        // A read in the middle of a run, and one that ends inside data.
+        let mid = s.data_map(100 << 10, 4096, 64).unwrap();
+        assert_eq!(
+            mid,
+            vec![Extent {
+                len: 4096,
+                hole: false
+            }]
+        );
+        let part = s.data_map(MIB, 6000, 64).unwrap();
+        let want = vec![
+            Extent {
+                len: 4096,
+                hole: true,
+            },
+            Extent {
+                len: 6000 - 4096,
+                hole: false,
+            },
+        ];
+        assert_eq!(part, want, "on {dir:?}");
+        // At most `max` runs, the last reaching the end.
+        let few = s.data_map(0, 4 * MIB, 2).unwrap();
+        assert_eq!(few.iter().map(|e| e.len).sum::<u64>(), 4 * MIB);
+    }
+}
