@@ -239,11 +239,22 @@ mod tests {
             )),
             Some(Inval)
         );
+        // DF is honoured up to the maximum payload, refused above it.
+        let big = 1u64 << 30;
         assert_eq!(
             errno(validate(
-                &req(Command::Read, CMD_FLAG_DF, 0, 8 << 20),
+                &req(Command::Read, CMD_FLAG_DF, 0, MAX_DF_READ),
                 &n,
-                SIZE,
+                big,
+                false
+            )),
+            None
+        );
+        assert_eq!(
+            errno(validate(
+                &req(Command::Read, CMD_FLAG_DF, 0, MAX_DF_READ + 1),
+                &n,
+                big,
                 false
             )),
             Some(Overflow)
