@@ -45,6 +45,7 @@ pub mod daemon;
 pub mod export;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod gate;
 pub mod incoming;
 pub mod mirror;
 pub mod net;

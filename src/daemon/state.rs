@@ -66,8 +66,9 @@ struct MirrorHooks {
 }
 
 impl Hooks for MirrorHooks {
-    fn handover_started(&self) {
+    fn handover_started(&self) -> bool {
         self.daemon.clients_allowed.store(false, SeqCst);
+        true
     }
 
     fn handover_abandoned(&self) {
