@@ -3,17 +3,16 @@
 
 use crate::acl::Acl;
 use crate::addr::Endpoint;
-use crate::cli::listen::Rebind;
-use crate::cli::serve::ServeOpts;
 use crate::control::server::ControlServer;
 use crate::export::Export;
 use crate::incoming::{self, Incoming};
-use crate::server::{Bound, Config, Listener, Server};
-use anyhow::{anyhow, bail, Context};
+use crate::server::{self as srv, Bound, Listener, Server};
+use anyhow::{bail, Context};
 use signal_hook::consts::{SIGINT, SIGQUIT, SIGTERM};
 use signal_hook::iterator::Signals;
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::mpsc;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,6 +25,33 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 pub enum Mode {
     Serve,
     Listen,
+}
+
+/// What to run: `serve` and `listen` build it from their arguments.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub mode: Mode,
+    pub file: PathBuf,
+    pub read_only: bool,
+    /// Where to listen for clients (at least one).
+    pub endpoints: Vec<Endpoint>,
+    /// The control socket.
+    pub sock: Option<PathBuf>,
+    /// ACL entries as written (validated here).
+    pub acl: Vec<String>,
+    pub default_deny: bool,
+    pub oldstyle: bool,
+    pub handshake_timeout: Duration,
+    pub max_clients: usize,
+    /// `listen`: where to listen once the image has arrived.
+    pub rebind: Option<Rebind>,
+}
+
+/// Where to listen after an incoming migration has arrived.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Rebind {
+    pub addr: Option<std::net::IpAddr>,
+    pub port: Option<u16>,
 }
 
 mod state;
@@ -147,34 +173,11 @@ fn bind_retrying(ep: &Endpoint, rx: &mpsc::Receiver<Event>) -> Result<Bound, i32
     }
 }
 
-/// The endpoints to listen on from `--addr`/`--port` and `--unix`.
-fn endpoints(opts: &ServeOpts) -> anyhow::Result<Vec<Endpoint>> {
-    let mut eps = Vec::new();
-    match (&opts.addr, opts.port) {
-        (Some(a), p) => {
-            let port = p.map(|p| p.to_string());
-            let ep = Endpoint::from_addr_port(a, port.as_deref()).map_err(|e| match e {
-                crate::addr::AddrError::BadPort(_) if p.is_none() => {
-                    anyhow!("--port is required with an IP address in --addr")
-                }
-                e => anyhow!(e),
-            })?;
-            eps.push(ep);
-        }
-        (None, Some(_)) => bail!("--addr is required with --port"),
-        (None, None) => {}
-    }
-    if let Some(u) = &opts.unix {
-        eps.push(Endpoint::Unix(u.clone()));
-    }
+pub fn run(opts: &Config) -> anyhow::Result<i32> {
+    let (mode, rebind, eps) = (opts.mode, opts.rebind, &opts.endpoints);
     if eps.is_empty() {
         bail!("--addr and --port (or --unix) are required");
     }
-    Ok(eps)
-}
-
-pub fn run(mode: Mode, opts: &ServeOpts, rebind: Option<Rebind>) -> anyhow::Result<i32> {
-    let eps = endpoints(opts)?;
     let request_timeout = request_timeout()?;
     let stall = stall_budget()?;
     let limits = incoming_limits()?;
@@ -188,7 +191,7 @@ pub fn run(mode: Mode, opts: &ServeOpts, rebind: Option<Rebind>) -> anyhow::Resu
     let max_clients = client_limit(opts.max_clients);
     let server = Server::new(
         export.clone(),
-        Config {
+        srv::Config {
             oldstyle: opts.oldstyle,
             handshake_timeout: opts.handshake_timeout,
             send_timeout: env_secs("FLEXNBD_SEND_TIMEOUT_SECS", crate::server::SEND_TIMEOUT)?,
@@ -230,7 +233,7 @@ pub fn run(mode: Mode, opts: &ServeOpts, rebind: Option<Rebind>) -> anyhow::Resu
     };
 
     let mut bound = Vec::new();
-    for ep in &eps {
+    for ep in eps {
         bound.push(Bound::bind(ep).with_context(|| format!("cannot listen on {ep}"))?);
     }
     let mut listeners: Vec<Listener> = Vec::new();

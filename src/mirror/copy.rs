@@ -7,7 +7,7 @@ use super::planner::{backoff, Convergence};
 use super::progress::State;
 use super::{connect, Finish, Shared, StartError};
 use crate::client::Connection;
-use crate::control::MirrorAction;
+use super::MirrorAction;
 use crate::gate::Hold;
 use crate::storage::is_zero;
 use std::sync::Arc;

@@ -17,10 +17,12 @@ mod link;
 mod observer;
 pub mod planner;
 mod progress;
+mod status;
+
+pub use status::{MigrationState, MigrationStatus, MirrorAction};
 
 use crate::addr::Endpoint;
 use crate::client::{Cancel, ClientError, ConnectOptions, Connection};
-use crate::control::{MigrationStatus, MirrorAction};
 use crate::export::Export;
 use crate::gate::Hold;
 use crate::wait;
