@@ -46,11 +46,7 @@ pub struct Hold {
 impl Hold {
     /// Waits until no request is in flight, or until `deadline`; true when none is.
     pub fn drain(&self, deadline: Option<Instant>) -> bool {
-        let g = self.gate.lock();
-        wait::until(&self.gate.cv, g, deadline, |_| {
-            self.gate.inflight.load(SeqCst) == 0
-        })
-        .1
+        self.gate.drain(deadline)
     }
 
     /// [`Hold::drain`] with a timeout.
@@ -84,6 +80,13 @@ impl Gate {
     pub fn hold(self: &Arc<Self>) -> Hold {
         self.holds.fetch_add(1, SeqCst);
         Hold { gate: self.clone() }
+    }
+
+    /// Waits until no request is in flight, or until `deadline`; true when
+    /// none is. Meaningful while a hold keeps new requests out.
+    pub fn drain(&self, deadline: Option<Instant>) -> bool {
+        let g = self.lock();
+        wait::until(&self.cv, g, deadline, |_| self.inflight.load(SeqCst) == 0).1
     }
 
     /// Admits one request if the gate is open, without waiting.

@@ -69,6 +69,40 @@ pub struct Status {
     pub has_control: bool,
     /// Present only while a migration is running.
     pub migration: Option<MigrationStatus>,
+    /// Present only while the image is paused.
+    pub pause: Option<PauseStatus>,
+}
+
+/// The pause keys of `status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PauseStatus {
+    pub paused_for: std::time::Duration,
+    /// Leases in force (the image resumes when the last one ends).
+    pub holds: usize,
+    /// Requests waiting for the resume.
+    pub queued_requests: usize,
+}
+
+/// A validated `pause` request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PauseRequest {
+    /// The lease: the pause ends by itself after this.
+    pub timeout: std::time::Duration,
+    /// The pause also ends when the control connection closes.
+    pub hold: bool,
+}
+
+/// A held pause, kept by the control connection that asked for it; it ends
+/// when dropped.
+pub trait Lease: Send {
+    /// Whether it already ended by other means (`resume`, its timeout).
+    fn ended(&self) -> bool;
+}
+
+/// A pause in force: the reply, and for a held pause its lease.
+pub struct Paused {
+    pub reply: Reply,
+    pub lease: Option<Box<dyn Lease>>,
 }
 
 pub use crate::mirror::{MigrationState, MigrationStatus, MirrorAction};
@@ -97,6 +131,15 @@ pub trait Handler: Send + Sync {
     /// Blocks until the running migration ends; `0` only when it succeeded.
     fn wait_mirror(&self) -> Reply {
         Reply::err(1, "not mirroring")
+    }
+    /// Pauses the image; answers once requests in flight are done and the
+    /// image is flushed.
+    fn pause(&self, _req: PauseRequest) -> Result<Paused, Reply> {
+        Err(Reply::err(1, "pause is not supported here"))
+    }
+    /// Ends pause `id`, or every pause.
+    fn resume(&self, _id: Option<u64>) -> Reply {
+        Reply::err(1, "not paused")
     }
 }
 

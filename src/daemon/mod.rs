@@ -10,9 +10,8 @@ use crate::server::{self as srv, Bound, Listener, Server};
 use anyhow::{bail, Context};
 use signal_hook::consts::{SIGINT, SIGQUIT, SIGTERM};
 use signal_hook::iterator::Signals;
-use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
-use std::sync::mpsc;
 use std::path::PathBuf;
+use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -54,9 +53,10 @@ pub struct Rebind {
     pub port: Option<u16>,
 }
 
+mod pause;
 mod state;
 
-use state::{Control, Daemon};
+use state::{Control, Daemon, Phase, State};
 
 /// Things the main thread waits for.
 #[derive(Debug)]
@@ -245,10 +245,15 @@ pub fn run(opts: &Config) -> anyhow::Result<i32> {
         server: server.clone(),
         export: export.clone(),
         file: opts.file.clone(),
-        has_control: AtomicBool::new(mode == Mode::Serve),
-        clients_allowed: AtomicBool::new(mode == Mode::Serve),
-        shutting_down: AtomicBool::new(false),
-        mirror: std::sync::Mutex::new(None),
+        state: std::sync::Mutex::new(State {
+            phase: match mode {
+                Mode::Serve => Phase::Serving,
+                Mode::Listen => Phase::Waiting,
+            },
+            mirror: None,
+        }),
+        pauses: pause::Pauses::start(export.gate().clone())
+            .context("cannot start the pause thread")?,
         events: std::sync::Mutex::new(tx.clone()),
         request_timeout,
         stall,
@@ -268,7 +273,7 @@ pub fn run(opts: &Config) -> anyhow::Result<i32> {
             Ok(Event::Signal(s)) => {
                 info!("received signal {s}: shutting down");
                 signalled = true;
-                if daemon.has_control.load(SeqCst) {
+                if daemon.has_control() {
                     break 0;
                 }
                 if let Some(inc) = &incoming {
@@ -294,8 +299,7 @@ pub fn run(opts: &Config) -> anyhow::Result<i32> {
                     }
                 }
                 server.set_intake(None);
-                daemon.has_control.store(true, SeqCst);
-                daemon.clients_allowed.store(true, SeqCst);
+                daemon.set_phase(Phase::Serving);
                 info!("took control of the image");
                 if let Some(r) = rebind.filter(|r| r.addr.is_some() || r.port.is_some()) {
                     match rebind_listeners(&mut listeners, r, &server, &rx) {
@@ -311,7 +315,9 @@ pub fn run(opts: &Config) -> anyhow::Result<i32> {
         }
     };
 
-    daemon.shutting_down.store(true, SeqCst);
+    daemon.set_phase(Phase::ShuttingDown);
+    // Paused requests are let go (they meet the shutdown below).
+    daemon.pauses.stop();
     for l in listeners {
         l.stop();
     }

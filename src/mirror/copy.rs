@@ -5,9 +5,9 @@
 use super::link::{Class, Drained, Link, NotSent, Op};
 use super::planner::{backoff, Convergence};
 use super::progress::State;
+use super::MirrorAction;
 use super::{connect, Finish, Shared, StartError};
 use crate::client::Connection;
-use super::MirrorAction;
 use crate::gate::Hold;
 use crate::storage::is_zero;
 use std::sync::Arc;
