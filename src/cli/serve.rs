@@ -23,6 +23,10 @@ pub struct ServeOpts {
     /// Path to a control socket to open (for status, acl, mirror and break).
     #[arg(short = 's', long, value_name = "SOCK")]
     pub sock: Option<PathBuf>,
+    /// Path to a pause-control socket speaking nbdkit's pause filter
+    /// protocol (`p` pauses, `r` resumes; answered `P`, `R`, or `X`).
+    #[arg(long, value_name = "PATH")]
+    pub pause_control: Option<PathBuf>,
     /// An empty access control list lets no client connect.
     #[arg(short = 'd', long)]
     pub default_deny: bool,
@@ -125,6 +129,7 @@ impl ServeOpts {
             handshake_timeout: self.handshake_timeout,
             max_clients: self.max_clients,
             rebind,
+            pause_control: self.pause_control.clone(),
         })
     }
 }

@@ -172,6 +172,36 @@ impl ControlServer {
         handler: Arc<dyn Handler>,
         limits: Limits,
     ) -> io::Result<ControlServer> {
+        let serve: Serve =
+            Arc::new(move |stream, stop| serve_connection(stream, handler.as_ref(), limits, stop));
+        let refuse = move |stream| {
+            crate::warn!("too many control connections; refusing one");
+            send_reply(
+                stream,
+                &Reply::err(1, "too many control connections"),
+                limits,
+            );
+        };
+        ControlServer::start_service(
+            "control socket",
+            path,
+            limits.max_connections,
+            serve,
+            Arc::new(refuse),
+        )
+    }
+
+    /// A unix socket service of another protocol (the pause-control socket):
+    /// `serve` gets each connection on a thread of its own (and the stop
+    /// flag), at most `max_connections` at once; `refuse` gets the others.
+    /// Stale sockets are replaced as for the control socket.
+    pub fn start_service(
+        what: &str,
+        path: impl AsRef<Path>,
+        max_connections: usize,
+        serve: Serve,
+        refuse: Arc<dyn Fn(UnixStream) + Send + Sync>,
+    ) -> io::Result<ControlServer> {
         let path = path.as_ref().to_path_buf();
         remove_stale(&path)?;
         let listener = UnixListener::bind(&path)?;
@@ -184,7 +214,7 @@ impl ControlServer {
             let busy = Arc::clone(&busy);
             std::thread::Builder::new()
                 .name("control".into())
-                .spawn(move || accept_loop(accepting, handler, limits, stop, busy))
+                .spawn(move || accept_loop(accepting, serve, refuse, max_connections, stop, busy))
         });
         let thread = match spawned {
             Ok(t) => t,
@@ -193,7 +223,7 @@ impl ControlServer {
                 return Err(e);
             }
         };
-        crate::info!("control socket listening at {}", path.display());
+        crate::info!("{what} listening at {}", path.display());
         Ok(ControlServer {
             path,
             file_id,
@@ -280,10 +310,14 @@ impl Drop for Slot {
     }
 }
 
+/// Serves one connection of a unix socket service; the flag says the service stops.
+pub type Serve = Arc<dyn Fn(UnixStream, &AtomicBool) + Send + Sync>;
+
 fn accept_loop(
     listener: UnixListener,
-    handler: Arc<dyn Handler>,
-    limits: Limits,
+    serve: Serve,
+    refuse: Arc<dyn Fn(UnixStream) + Send + Sync>,
+    max_connections: usize,
     stop: Arc<AtomicBool>,
     busy: Arc<AtomicUsize>,
 ) {
@@ -313,24 +347,19 @@ fn accept_loop(
                 continue;
             }
         };
-        if busy.fetch_add(1, Ordering::SeqCst) >= limits.max_connections {
+        if busy.fetch_add(1, Ordering::SeqCst) >= max_connections {
             busy.fetch_sub(1, Ordering::SeqCst);
-            crate::warn!("too many control connections; refusing one");
-            send_reply(
-                stream,
-                &Reply::err(1, "too many control connections"),
-                limits,
-            );
+            refuse(stream);
             continue;
         }
         let slot = Slot(Arc::clone(&busy));
-        let handler = Arc::clone(&handler);
+        let serve = Arc::clone(&serve);
         let stop = Arc::clone(&stop);
         let spawned = std::thread::Builder::new()
             .name("control-client".into())
             .spawn(move || {
                 let _slot = slot;
-                serve_connection(stream, handler.as_ref(), limits, &stop);
+                serve(stream, &stop);
             });
         if let Err(e) = spawned {
             crate::warn!("cannot start a control connection thread: {e}");

@@ -44,6 +44,8 @@ pub struct Config {
     pub max_clients: usize,
     /// `listen`: where to listen once the image has arrived.
     pub rebind: Option<Rebind>,
+    /// The nbdkit-style pause-control socket.
+    pub pause_control: Option<PathBuf>,
 }
 
 /// Where to listen after an incoming migration has arrived.
@@ -54,6 +56,7 @@ pub struct Rebind {
 }
 
 mod pause;
+mod pause_control;
 mod state;
 
 use state::{Control, Daemon, Phase, State};
@@ -267,6 +270,14 @@ pub fn run(opts: &Config) -> anyhow::Result<i32> {
         None => None,
     };
 
+    let pause_control = match &opts.pause_control {
+        Some(p) => Some(
+            pause_control::start(p, daemon.clone())
+                .with_context(|| format!("cannot open pause-control socket {}", p.display()))?,
+        ),
+        None => None,
+    };
+
     let mut signalled = false;
     let code = loop {
         match rx.recv() {
@@ -366,6 +377,9 @@ pub fn run(opts: &Config) -> anyhow::Result<i32> {
         return Ok(1);
     }
     if let Some(c) = control {
+        c.stop();
+    }
+    if let Some(c) = pause_control {
         c.stop();
     }
     signal_handle.close();

@@ -141,6 +141,11 @@ impl Pauses {
         self.lock().leases.iter().any(|l| l.id == id)
     }
 
+    /// Whether a lease of `owner` is in force.
+    pub fn has(&self, owner: Owner) -> bool {
+        self.lock().leases.iter().any(|l| l.owner == owner)
+    }
+
     pub fn is_paused(&self) -> bool {
         !self.lock().leases.is_empty()
     }
