@@ -1,12 +1,12 @@
-//! The served image: storage plus the request gate (pause/drain), flush
+//! The served image: storage plus the request gate ([`crate::gate`]), flush
 //! bookkeeping and the hook through which a migration sees every change.
 
+use crate::gate::Gate;
 use crate::storage::{Extent, OpenError, Storage, ZeroError, ZeroMode};
 use std::io;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
-use std::sync::{Arc, Condvar, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+use std::sync::{Arc, Mutex, RwLock};
 
 /// Why an export operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +25,12 @@ pub enum Error {
     Io(#[from] io::Error),
 }
 
+impl From<crate::gate::Shut> for Error {
+    fn from(_: crate::gate::Shut) -> Error {
+        Error::Shutdown
+    }
+}
+
 /// Sees every change to the image, after it is made and before it is acknowledged.
 /// A migration uses it to track dirty ranges or to forward writes.
 pub trait ChangeObserver: Send + Sync {
@@ -37,7 +43,7 @@ pub trait ChangeObserver: Send + Sync {
 pub struct Export {
     storage: Storage,
     read_only: bool,
-    gate: Gate,
+    gate: Arc<Gate>,
     /// Modifying operations completed so far.
     changes: AtomicU64,
     /// Value of `changes` known to be durable.
@@ -56,7 +62,7 @@ impl Export {
         Export {
             read_only: read_only || !storage.writable(),
             storage,
-            gate: Gate::default(),
+            gate: Arc::new(Gate::default()),
             changes: AtomicU64::new(0),
             synced: AtomicU64::new(0),
             sync_lock: Mutex::new(()),
@@ -76,7 +82,7 @@ impl Export {
         &self.storage
     }
 
-    pub fn gate(&self) -> &Gate {
+    pub fn gate(&self) -> &Arc<Gate> {
         &self.gate
     }
 
@@ -208,128 +214,5 @@ impl Export {
         self.check_read(offset, len)?;
         let _ = self.storage.prefetch(offset, len);
         Ok(())
-    }
-}
-
-/// Admits requests while open; when closed, new requests wait and the closer
-/// can wait for the ones in flight to finish.
-#[derive(Default)]
-pub struct Gate {
-    inflight: AtomicUsize,
-    closed: AtomicBool,
-    shutdown: AtomicBool,
-    lock: Mutex<()>,
-    cv: Condvar,
-}
-
-/// Held while a request is in flight.
-pub struct Pass<'a>(&'a Gate);
-
-impl Drop for Pass<'_> {
-    fn drop(&mut self) {
-        self.0.leave();
-    }
-}
-
-impl Gate {
-    /// Admits one request if the gate is open, without waiting.
-    pub fn try_enter(&self) -> Option<Pass<'_>> {
-        self.inflight.fetch_add(1, SeqCst);
-        if !self.closed.load(SeqCst) {
-            return Some(Pass(self));
-        }
-        self.leave();
-        None
-    }
-
-    /// Whether requests are being held (or refused).
-    pub fn is_closed(&self) -> bool {
-        self.closed.load(SeqCst)
-    }
-
-    /// Admits one request, waiting while the gate is closed. Fails once shut.
-    pub fn enter(&self) -> Result<Pass<'_>, Error> {
-        loop {
-            self.inflight.fetch_add(1, SeqCst);
-            if !self.closed.load(SeqCst) {
-                return Ok(Pass(self));
-            }
-            self.leave();
-            let g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-            let _ = crate::wait::until(&self.cv, g, None, |_| {
-                !self.closed.load(SeqCst) || self.shutdown.load(SeqCst)
-            });
-            if self.shutdown.load(SeqCst) {
-                return Err(Error::Shutdown);
-            }
-        }
-    }
-
-    fn leave(&self) {
-        if self.inflight.fetch_sub(1, SeqCst) == 1 && self.closed.load(SeqCst) {
-            let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-            self.cv.notify_all();
-        }
-    }
-
-    /// Stops admitting requests and waits up to `timeout` for those in flight.
-    /// Returns whether none is left in flight.
-    pub fn close(&self, timeout: Duration) -> bool {
-        self.closed.store(true, SeqCst);
-        let g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-        let deadline = Some(Instant::now() + timeout);
-        crate::wait::until(&self.cv, g, deadline, |_| self.inflight.load(SeqCst) == 0).1
-    }
-
-    /// Admits requests again.
-    pub fn open(&self) {
-        self.closed.store(false, SeqCst);
-        let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-        self.cv.notify_all();
-    }
-
-    /// Refuses every waiting and future request for good.
-    pub fn shut(&self) {
-        self.shutdown.store(true, SeqCst);
-        self.closed.store(true, SeqCst);
-        let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-        self.cv.notify_all();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::sync::mpsc;
-    use std::thread;
-
-    #[test]
-    fn closed_gate_drains_and_blocks_then_reopens() {
-        let g = Arc::new(Gate::default());
-        let p = g.enter().unwrap();
-        assert!(!g.close(Duration::from_millis(20)));
-        drop(p);
-        assert!(g.close(Duration::from_secs(1)));
-        let (tx, rx) = mpsc::channel();
-        let g2 = g.clone();
-        let t = thread::spawn(move || {
-            let r = g2.enter().map(|_| ());
-            tx.send(r.is_ok()).unwrap();
-        });
-        assert!(rx.recv_timeout(Duration::from_millis(50)).is_err());
-        g.open();
-        assert!(rx.recv_timeout(Duration::from_secs(5)).unwrap());
-        t.join().unwrap();
-    }
-
-    #[test]
-    fn shut_gate_refuses_waiters() {
-        let g = Arc::new(Gate::default());
-        g.close(Duration::ZERO);
-        let g2 = g.clone();
-        let t = thread::spawn(move || g2.enter().is_err());
-        g.shut();
-        assert!(t.join().unwrap());
-        assert!(g.enter().is_err());
     }
 }

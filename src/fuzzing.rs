@@ -237,6 +237,7 @@ impl Handler for FakeDaemon {
             clients_allowed: true,
             num_clients: 2,
             has_control: true,
+            pause: None,
             migration: Some(MigrationStatus {
                 speed: 1000,
                 duration: 3,

@@ -3,9 +3,13 @@
 //! Layers, top to bottom (a layer never reaches up):
 //! - [`cli`]: one module per subcommand, argument parsing and `run()`:
 //!   `serve`, `listen`, `mirror` (`--wait`), `mirror-speed`, `break`, `acl`,
-//!   `status`, `read`, `write`.
+//!   `status`, `read`, `write`, and `pause`, `resume`, `snapshot`
+//!   (`cli::pause`).
 //! - [`daemon`]: wiring of export, listeners, control socket, mirror,
-//!   signals, shutdown; `daemon::state` answers the control commands.
+//!   signals, shutdown (`daemon::Config`); `daemon::state` holds the one
+//!   phase and answers the control commands; pauses are leases
+//!   (`daemon::pause`), also taken on the nbdkit-style pause-control socket
+//!   (`daemon::pause_control`).
 //! - [`incoming`]: the destination of a migration (`listen`): the
 //!   `FILE.INCOMPLETE` marker, the one sender slot (a silent sender is
 //!   replaced), and the rule for when the image has arrived.
@@ -15,14 +19,17 @@
 //!   through `server::out` with a send deadline); `server::intake` is the
 //!   hook [`incoming`] plugs into.
 //! - [`control`]: control socket grammar (`status`, `acl`, `mirror`,
-//!   `mirror_max_bps`, `break`, `mirror_wait`) and loop, and the CLI side.
+//!   `mirror_max_bps`, `break`, `mirror_wait`, `pause`, `resume`) and loop
+//!   (held pauses keep their connection), and the CLI side.
 //! - [`mirror`]: a migration, source side. Steps, in `mirror::copy`: connect
 //!   (cancellable) → sweep → passes over the dirty map → active mirroring
 //!   (`mirror::observer` forwards client writes) → hand-over (gate closed,
-//!   rest sent, flush, ENTRUST to old-style destinations, DISC); any failure
-//!   retries from scratch with back-off.
+//!   rest sent, flush, ENTRUST to old-style destinations, DISC; it waits
+//!   while the image is paused); any failure retries from scratch with
+//!   back-off.
 //! - [`client`]: NBD client used by `read`, `write` and the mirror.
-//! - [`export`]: the served image: storage, request gate, change observer.
+//! - [`export`]: the served image: storage, request gate ([`gate`]: counted
+//!   holds), change observer.
 //! - [`storage`]: positional file I/O, holes and extents (`storage::map`),
 //!   block devices (`storage::device`), the image lock (`storage::lock`).
 //! - [`proto`]: the NBD wire format, no I/O.
@@ -45,6 +52,7 @@ pub mod daemon;
 pub mod export;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod gate;
 pub mod incoming;
 pub mod mirror;
 pub mod net;

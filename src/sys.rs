@@ -260,3 +260,17 @@ pub fn block_device_range(
     let r = unsafe { libc::ioctl(fd.as_raw_fd(), req as _, range.as_ptr()) };
     cvt(r as libc::c_long).map(|_| ())
 }
+
+/// Sends `sig` to every process of process group `pgid`.
+pub fn kill_group(pgid: u32, sig: i32) -> io::Result<()> {
+    let pgid =
+        libc::pid_t::try_from(pgid).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    if pgid <= 1 {
+        return Err(io::ErrorKind::InvalidInput.into());
+    }
+    // SAFETY: killpg takes plain integers.
+    match unsafe { libc::killpg(pgid, sig) } {
+        0 => Ok(()),
+        _ => Err(io::Error::last_os_error()),
+    }
+}

@@ -1,6 +1,7 @@
 //! `flexnbd listen`: wait for an inbound migration, then serve the image.
 
 use super::serve::{ip_arg, port_arg, ServeOpts};
+use crate::daemon::{Mode, Rebind};
 use std::net::IpAddr;
 
 /// Listen for an inbound migration, then serve it once it has completed.
@@ -20,18 +21,11 @@ pub struct Args {
     pub rebind_port: Option<u16>,
 }
 
-/// Where to listen after the hand-over.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Rebind {
-    pub addr: Option<IpAddr>,
-    pub port: Option<u16>,
-}
-
 pub fn run(args: Args) -> anyhow::Result<i32> {
     args.opts.global.apply();
     let rebind = Rebind {
         addr: args.rebind_addr,
         port: args.rebind_port,
     };
-    crate::daemon::run(crate::daemon::Mode::Listen, &args.opts, Some(rebind))
+    crate::daemon::run(&args.opts.config(Mode::Listen, Some(rebind))?)
 }

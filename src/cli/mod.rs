@@ -7,6 +7,7 @@ pub mod break_cmd;
 pub mod listen;
 pub mod mirror;
 pub mod mirror_speed;
+pub mod pause;
 pub mod read;
 pub mod serve;
 pub mod status;
@@ -43,6 +44,12 @@ pub enum Command {
     Acl(acl::Args),
     /// Print the status of a running server.
     Status(status::Args),
+    /// Pause request processing (for a consistent copy of the image).
+    Pause(pause::PauseArgs),
+    /// End a pause.
+    Resume(pause::ResumeArgs),
+    /// Pause, run a command (a copy of the image), then resume whatever happens.
+    Snapshot(pause::SnapshotArgs),
     /// Read bytes from an NBD server to stdout in a single request.
     Read(read::Args),
     /// Write bytes from stdin to an NBD server in a single request.
@@ -82,6 +89,9 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Break(a) => break_cmd::run(a),
         Command::Acl(a) => acl::run(a),
         Command::Status(a) => status::run(a),
+        Command::Pause(a) => pause::run_pause(a),
+        Command::Resume(a) => pause::run_resume(a),
+        Command::Snapshot(a) => pause::run_snapshot(a),
         Command::Read(a) => read::run(a),
         Command::Write(a) => write::run(a),
     }

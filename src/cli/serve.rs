@@ -1,7 +1,9 @@
 //! `flexnbd serve`: serve a file over NBD until signalled or migrated away.
 
 use super::Global;
-use crate::addr::{parse_ip, parse_port};
+use crate::addr::{parse_ip, parse_port, Endpoint};
+use crate::daemon::{Config, Mode, Rebind};
+use anyhow::{anyhow, bail};
 use std::net::IpAddr;
 use std::path::PathBuf;
 
@@ -21,6 +23,10 @@ pub struct ServeOpts {
     /// Path to a control socket to open (for status, acl, mirror and break).
     #[arg(short = 's', long, value_name = "SOCK")]
     pub sock: Option<PathBuf>,
+    /// Path to a pause-control socket speaking nbdkit's pause filter
+    /// protocol (`p` pauses, `r` resumes; answered `P`, `R`, or `X`).
+    #[arg(long, value_name = "PATH")]
+    pub pause_control: Option<PathBuf>,
     /// An empty access control list lets no client connect.
     #[arg(short = 'd', long)]
     pub default_deny: bool,
@@ -82,7 +88,53 @@ pub fn ip_arg(s: &str) -> Result<IpAddr, String> {
     parse_ip(s).map_err(|e| e.to_string())
 }
 
+/// The endpoints to listen on from `--addr`/`--port` and `--unix`.
+fn endpoints(opts: &ServeOpts) -> anyhow::Result<Vec<Endpoint>> {
+    let mut eps = Vec::new();
+    match (&opts.addr, opts.port) {
+        (Some(a), p) => {
+            let port = p.map(|p| p.to_string());
+            let ep = Endpoint::from_addr_port(a, port.as_deref()).map_err(|e| match e {
+                crate::addr::AddrError::BadPort(_) if p.is_none() => {
+                    anyhow!("--port is required with an IP address in --addr")
+                }
+                e => anyhow!(e),
+            })?;
+            eps.push(ep);
+        }
+        (None, Some(_)) => bail!("--addr is required with --port"),
+        (None, None) => {}
+    }
+    if let Some(u) = &opts.unix {
+        eps.push(Endpoint::Unix(u.clone()));
+    }
+    if eps.is_empty() {
+        bail!("--addr and --port (or --unix) are required");
+    }
+    Ok(eps)
+}
+
+impl ServeOpts {
+    /// The daemon's configuration from these options.
+    pub fn config(&self, mode: Mode, rebind: Option<Rebind>) -> anyhow::Result<Config> {
+        Ok(Config {
+            mode,
+            file: self.file.clone(),
+            read_only: self.read_only,
+            endpoints: endpoints(self)?,
+            sock: self.sock.clone(),
+            acl: self.acl.clone(),
+            default_deny: self.default_deny,
+            oldstyle: self.oldstyle,
+            handshake_timeout: self.handshake_timeout,
+            max_clients: self.max_clients,
+            rebind,
+            pause_control: self.pause_control.clone(),
+        })
+    }
+}
+
 pub fn run(args: Args) -> anyhow::Result<i32> {
     args.opts.global.apply();
-    crate::daemon::run(crate::daemon::Mode::Serve, &args.opts, None)
+    crate::daemon::run(&args.opts.config(Mode::Serve, None)?)
 }

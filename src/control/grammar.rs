@@ -15,7 +15,7 @@
 //! - Arguments are checked before the daemon is asked anything, so `mirror_max_bps`
 //!   with a bad argument reports the argument even when no migration is running.
 
-use super::{Handler, MirrorAction, MirrorRequest, Reply, Status};
+use super::{Handler, MirrorAction, MirrorRequest, PauseRequest, Reply, Status};
 use crate::acl::AclEntry;
 use crate::addr::{parse_ip, parse_port};
 use serde_json::{Map, Number, Value};
@@ -40,6 +40,10 @@ pub enum Command {
     Break,
     /// Wait until the running migration ends (used by `mirror --wait`).
     MirrorWait,
+    /// `pause [SECONDS [hold]]`.
+    Pause(PauseRequest),
+    /// `resume [ID]`: end that pause, or every pause.
+    Resume(Option<u64>),
 }
 
 /// Why a request was refused before reaching the daemon; `Display` is the reply text.
@@ -75,6 +79,12 @@ pub enum CommandError {
     MaxBpsParameterCount,
     #[error("{0} takes no parameters")]
     NoParameters(&'static str),
+    #[error("pause: the timeout must be a number of seconds above 0 and at most 86400")]
+    BadPauseTimeout,
+    #[error("pause takes at most a timeout and 'hold'")]
+    PauseParameters,
+    #[error("resume takes at most the id of a pause")]
+    ResumeParameters,
 }
 
 impl CommandError {
@@ -118,6 +128,17 @@ pub fn parse<S: AsRef<str>>(lines: &[S]) -> Result<Command, CommandError> {
         "mirror_wait" => match args.as_slice() {
             [] => Ok(Command::MirrorWait),
             _ => Err(CommandError::NoParameters("mirror_wait")),
+        },
+        "pause" => parse_pause(&args).map(Command::Pause),
+        "resume" => match args.as_slice() {
+            [] => Ok(Command::Resume(None)),
+            [id] => decimal(
+                id,
+                CommandError::ResumeParameters,
+                CommandError::ResumeParameters,
+            )
+            .map(|n| Command::Resume(Some(n))),
+            _ => Err(CommandError::ResumeParameters),
         },
         _ => Err(CommandError::UnknownCommand),
     }
@@ -169,6 +190,32 @@ fn parse_mirror(args: &[&str]) -> Result<MirrorRequest, CommandError> {
     })
 }
 
+/// The default lease of a pause.
+pub const PAUSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// `pause` arguments: [SECONDS [hold]] (fractions of a second allowed).
+fn parse_pause(args: &[&str]) -> Result<PauseRequest, CommandError> {
+    let timeout = match args.first() {
+        None => PAUSE_TIMEOUT,
+        Some(t) => {
+            let ok = !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit() || b == b'.');
+            match t.parse::<f64>() {
+                Ok(v) if ok && v > 0.0 && v <= 86_400.0 => std::time::Duration::from_secs_f64(v),
+                _ => return Err(CommandError::BadPauseTimeout),
+            }
+        }
+    };
+    let hold = match args.get(1).copied() {
+        None => false,
+        Some("hold") => true,
+        Some(_) => return Err(CommandError::PauseParameters),
+    };
+    if args.len() > 2 {
+        return Err(CommandError::PauseParameters);
+    }
+    Ok(PauseRequest { timeout, hold })
+}
+
 fn max_bps(s: &str) -> Result<u64, CommandError> {
     decimal(
         s,
@@ -209,6 +256,13 @@ pub fn run(cmd: Command, h: &dyn Handler) -> Reply {
         Command::MirrorMaxBps(n) => h.set_mirror_speed(n),
         Command::Break => h.break_mirror(),
         Command::MirrorWait => h.wait_mirror(),
+        // A held pause ends with the request here; the control server keeps
+        // the lease for as long as the connection (see `control::server`).
+        Command::Pause(req) => match h.pause(req) {
+            Ok(p) => p.reply,
+            Err(r) => r,
+        },
+        Command::Resume(id) => h.resume(id),
     }
 }
 
@@ -240,6 +294,12 @@ pub fn status_pairs(s: &Status) -> Vec<(&'static str, String)> {
         if let Some(e) = &m.last_error {
             v.push(("migration_last_error", escape_value(e)));
         }
+    }
+    v.push(("paused", s.pause.is_some().to_string()));
+    if let Some(p) = &s.pause {
+        v.push(("paused_for", format!("{:.3}", p.paused_for.as_secs_f64())));
+        v.push(("pause_holds", p.holds.to_string()));
+        v.push(("queued_requests", p.queued_requests.to_string()));
     }
     v
 }

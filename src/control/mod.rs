@@ -69,64 +69,43 @@ pub struct Status {
     pub has_control: bool,
     /// Present only while a migration is running.
     pub migration: Option<MigrationStatus>,
+    /// Present only while the image is paused.
+    pub pause: Option<PauseStatus>,
 }
 
-/// The migration keys of `status`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MigrationStatus {
-    /// Bytes per second over the recent past (0 while nothing is sent).
-    pub speed: u64,
-    /// Seconds since the migration started.
-    pub duration: u64,
-    /// Known only while data moves.
-    pub seconds_left: Option<u64>,
-    /// Exact, never above the size.
-    pub bytes_left: u64,
-    /// Present when a limit is set.
-    pub speed_limit: Option<u64>,
-    /// Attempts so far, including the running one and those that failed to connect.
-    pub attempts: u32,
-    pub state: MigrationState,
-    /// While retrying: seconds until the next attempt.
-    pub retry_in: Option<u64>,
-    /// Why the last attempt failed, if one did.
-    pub last_error: Option<String>,
-}
-
-/// What a running migration is doing (`migration_state`).
+/// The pause keys of `status`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MigrationState {
-    /// Sending the image, then the passes over what changed.
-    Copying,
-    /// Waiting for (or connecting for) the next attempt after a failure.
-    Retrying,
-    /// Client writes are mirrored synchronously.
-    Active,
-    /// Requests are held while the last changes go out.
-    Handover,
+pub struct PauseStatus {
+    pub paused_for: std::time::Duration,
+    /// Leases in force (the image resumes when the last one ends).
+    pub holds: usize,
+    /// Requests waiting for the resume.
+    pub queued_requests: usize,
 }
 
-impl MigrationState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            MigrationState::Copying => "copying",
-            MigrationState::Retrying => "retrying",
-            MigrationState::Active => "active",
-            MigrationState::Handover => "handover",
-        }
-    }
-}
-
-/// What the source does once the migration has been handed over.
+/// A validated `pause` request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MirrorAction {
-    /// Exit (the default).
-    Exit,
-    /// Remove the source file just before the final disconnect, then exit.
-    Unlink,
-    /// Keep serving (no hand-over).
-    Nothing,
+pub struct PauseRequest {
+    /// The lease: the pause ends by itself after this.
+    pub timeout: std::time::Duration,
+    /// The pause also ends when the control connection closes.
+    pub hold: bool,
 }
+
+/// A held pause, kept by the control connection that asked for it; it ends
+/// when dropped.
+pub trait Lease: Send {
+    /// Whether it already ended by other means (`resume`, its timeout).
+    fn ended(&self) -> bool;
+}
+
+/// A pause in force: the reply, and for a held pause its lease.
+pub struct Paused {
+    pub reply: Reply,
+    pub lease: Option<Box<dyn Lease>>,
+}
+
+pub use crate::mirror::{MigrationState, MigrationStatus, MirrorAction};
 
 /// A validated `mirror` request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -152,6 +131,15 @@ pub trait Handler: Send + Sync {
     /// Blocks until the running migration ends; `0` only when it succeeded.
     fn wait_mirror(&self) -> Reply {
         Reply::err(1, "not mirroring")
+    }
+    /// Pauses the image; answers once requests in flight are done and the
+    /// image is flushed.
+    fn pause(&self, _req: PauseRequest) -> Result<Paused, Reply> {
+        Err(Reply::err(1, "pause is not supported here"))
+    }
+    /// Ends pause `id`, or every pause.
+    fn resume(&self, _id: Option<u64>) -> Reply {
+        Reply::err(1, "not paused")
     }
 }
 

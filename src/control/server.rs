@@ -11,7 +11,7 @@
 //!   and the connection is closed without running anything.
 
 use super::grammar::{parse, run, Command};
-use super::{Handler, Reply};
+use super::{Handler, Lease, Paused, Reply};
 use std::fs;
 use std::io::{self, ErrorKind, Read, Write};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -172,6 +172,36 @@ impl ControlServer {
         handler: Arc<dyn Handler>,
         limits: Limits,
     ) -> io::Result<ControlServer> {
+        let serve: Serve =
+            Arc::new(move |stream, stop| serve_connection(stream, handler.as_ref(), limits, stop));
+        let refuse = move |stream| {
+            crate::warn!("too many control connections; refusing one");
+            send_reply(
+                stream,
+                &Reply::err(1, "too many control connections"),
+                limits,
+            );
+        };
+        ControlServer::start_service(
+            "control socket",
+            path,
+            limits.max_connections,
+            serve,
+            Arc::new(refuse),
+        )
+    }
+
+    /// A unix socket service of another protocol (the pause-control socket):
+    /// `serve` gets each connection on a thread of its own (and the stop
+    /// flag), at most `max_connections` at once; `refuse` gets the others.
+    /// Stale sockets are replaced as for the control socket.
+    pub fn start_service(
+        what: &str,
+        path: impl AsRef<Path>,
+        max_connections: usize,
+        serve: Serve,
+        refuse: Arc<dyn Fn(UnixStream) + Send + Sync>,
+    ) -> io::Result<ControlServer> {
         let path = path.as_ref().to_path_buf();
         remove_stale(&path)?;
         let listener = UnixListener::bind(&path)?;
@@ -184,7 +214,7 @@ impl ControlServer {
             let busy = Arc::clone(&busy);
             std::thread::Builder::new()
                 .name("control".into())
-                .spawn(move || accept_loop(accepting, handler, limits, stop, busy))
+                .spawn(move || accept_loop(accepting, serve, refuse, max_connections, stop, busy))
         });
         let thread = match spawned {
             Ok(t) => t,
@@ -193,7 +223,7 @@ impl ControlServer {
                 return Err(e);
             }
         };
-        crate::info!("control socket listening at {}", path.display());
+        crate::info!("{what} listening at {}", path.display());
         Ok(ControlServer {
             path,
             file_id,
@@ -280,10 +310,14 @@ impl Drop for Slot {
     }
 }
 
+/// Serves one connection of a unix socket service; the flag says the service stops.
+pub type Serve = Arc<dyn Fn(UnixStream, &AtomicBool) + Send + Sync>;
+
 fn accept_loop(
     listener: UnixListener,
-    handler: Arc<dyn Handler>,
-    limits: Limits,
+    serve: Serve,
+    refuse: Arc<dyn Fn(UnixStream) + Send + Sync>,
+    max_connections: usize,
     stop: Arc<AtomicBool>,
     busy: Arc<AtomicUsize>,
 ) {
@@ -313,23 +347,19 @@ fn accept_loop(
                 continue;
             }
         };
-        if busy.fetch_add(1, Ordering::SeqCst) >= limits.max_connections {
+        if busy.fetch_add(1, Ordering::SeqCst) >= max_connections {
             busy.fetch_sub(1, Ordering::SeqCst);
-            crate::warn!("too many control connections; refusing one");
-            send_reply(
-                stream,
-                &Reply::err(1, "too many control connections"),
-                limits,
-            );
+            refuse(stream);
             continue;
         }
         let slot = Slot(Arc::clone(&busy));
-        let handler = Arc::clone(&handler);
+        let serve = Arc::clone(&serve);
+        let stop = Arc::clone(&stop);
         let spawned = std::thread::Builder::new()
             .name("control-client".into())
             .spawn(move || {
                 let _slot = slot;
-                serve_connection(stream, handler.as_ref(), limits);
+                serve(stream, &stop);
             });
         if let Err(e) = spawned {
             crate::warn!("cannot start a control connection thread: {e}");
@@ -371,7 +401,21 @@ fn read_request(stream: &mut UnixStream, limits: Limits) -> Result<Vec<String>, 
     }
 }
 
-fn serve_connection(mut stream: UnixStream, handler: &dyn Handler, limits: Limits) {
+/// What follows the reply on the same connection.
+enum FollowUp {
+    None,
+    /// `mirror ... wait`: the outcome of the migration.
+    MirrorOutcome,
+    /// `pause SECONDS hold`: the pause lasts while the connection is open.
+    Hold(Box<dyn Lease>),
+}
+
+fn serve_connection(
+    mut stream: UnixStream,
+    handler: &dyn Handler,
+    limits: Limits,
+    stop: &AtomicBool,
+) {
     let (reply, follow_up) = match read_request(&mut stream, limits) {
         Ok(lines) => {
             let name: String = lines
@@ -383,43 +427,96 @@ fn serve_connection(mut stream: UnixStream, handler: &dyn Handler, limits: Limit
             crate::info!("{name:?} command received");
             catch_unwind(AssertUnwindSafe(|| answer(&lines, handler))).unwrap_or_else(|_| {
                 crate::error!("control command {name:?} failed unexpectedly");
-                (Reply::err(1, "internal error"), false)
+                (Reply::err(1, "internal error"), FollowUp::None)
             })
         }
         Err(ReadError::Frame(e)) => {
             crate::warn!("bad control request: {e}");
-            (Reply::err(1, e.to_string()), false)
+            (Reply::err(1, e.to_string()), FollowUp::None)
         }
         Err(ReadError::Timeout) => {
             crate::warn!("control client sent no complete request in time");
-            (Reply::err(1, "timed out waiting for the request"), false)
+            (
+                Reply::err(1, "timed out waiting for the request"),
+                FollowUp::None,
+            )
         }
         Err(ReadError::Io(e)) => {
             crate::debug!("control connection failed: {e}");
             return;
         }
     };
-    if send_line(&mut stream, &reply, limits) && follow_up {
-        // `mirror ... wait`: the outcome follows on the same connection, and
-        // is sent before the server exits at a hand-over.
-        let outcome = catch_unwind(AssertUnwindSafe(|| handler.wait_mirror()))
-            .unwrap_or_else(|_| Reply::err(1, "internal error"));
-        send_line(&mut stream, &outcome, limits);
+    let sent = send_line(&mut stream, &reply, limits);
+    match follow_up {
+        FollowUp::MirrorOutcome if sent => {
+            // `mirror ... wait`: the outcome follows on the same connection, and
+            // is sent before the server exits at a hand-over.
+            let outcome = catch_unwind(AssertUnwindSafe(|| handler.wait_mirror()))
+                .unwrap_or_else(|_| Reply::err(1, "internal error"));
+            send_line(&mut stream, &outcome, limits);
+        }
+        FollowUp::Hold(lease) if sent => hold_open(&mut stream, lease.as_ref(), limits, stop),
+        // Dropping a lease here (the reply did not reach its owner) ends the pause.
+        _ => {}
     }
     let _ = stream.shutdown(std::net::Shutdown::Both);
 }
 
-/// Runs a request: its reply, and whether the outcome of the migration it
-/// started follows as a second line.
-fn answer(lines: &[String], handler: &dyn Handler) -> (Reply, bool) {
+/// Keeps a held pause while its connection stays open: returns when the
+/// peer closes (or sends anything), when the pause ended by other means
+/// (then says so in a second line), or when the control socket stops.
+fn hold_open(stream: &mut UnixStream, lease: &dyn Lease, limits: Limits, stop: &AtomicBool) {
+    let mut buf = [0u8; 64];
+    let _ = stream.set_read_timeout(Some(HOLD_POLL));
+    loop {
+        if lease.ended() {
+            send_line(
+                stream,
+                &Reply::err(1, "pause ended: resumed or timed out"),
+                limits,
+            );
+            return;
+        }
+        if stop.load(Ordering::SeqCst) {
+            return;
+        }
+        match stream.read(&mut buf) {
+            Ok(_) => return,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+                ) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+/// How often a held pause's connection is checked.
+const HOLD_POLL: Duration = Duration::from_millis(100);
+
+/// Runs a request: its reply, and what follows it on the connection.
+fn answer(lines: &[String], handler: &dyn Handler) -> (Reply, FollowUp) {
     match parse(lines) {
+        Ok(Command::Pause(req)) => match handler.pause(req) {
+            Ok(Paused {
+                reply,
+                lease: Some(l),
+            }) if req.hold => (reply, FollowUp::Hold(l)),
+            Ok(p) => (p.reply, FollowUp::None),
+            Err(r) => (r, FollowUp::None),
+        },
         Ok(cmd) => {
             let wait = matches!(&cmd, Command::Mirror(r) if r.wait);
             let reply = run(cmd, handler);
-            let follow = wait && reply.code == 0;
+            let follow = if wait && reply.code == 0 {
+                FollowUp::MirrorOutcome
+            } else {
+                FollowUp::None
+            };
             (reply, follow)
         }
-        Err(e) => (e.to_reply(), false),
+        Err(e) => (e.to_reply(), FollowUp::None),
     }
 }
 

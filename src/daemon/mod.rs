@@ -3,16 +3,14 @@
 
 use crate::acl::Acl;
 use crate::addr::Endpoint;
-use crate::cli::listen::Rebind;
-use crate::cli::serve::ServeOpts;
 use crate::control::server::ControlServer;
 use crate::export::Export;
 use crate::incoming::{self, Incoming};
-use crate::server::{Bound, Config, Listener, Server};
-use anyhow::{anyhow, bail, Context};
+use crate::server::{self as srv, Bound, Listener, Server};
+use anyhow::{bail, Context};
 use signal_hook::consts::{SIGINT, SIGQUIT, SIGTERM};
 use signal_hook::iterator::Signals;
-use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::path::PathBuf;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,9 +26,40 @@ pub enum Mode {
     Listen,
 }
 
+/// What to run: `serve` and `listen` build it from their arguments.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub mode: Mode,
+    pub file: PathBuf,
+    pub read_only: bool,
+    /// Where to listen for clients (at least one).
+    pub endpoints: Vec<Endpoint>,
+    /// The control socket.
+    pub sock: Option<PathBuf>,
+    /// ACL entries as written (validated here).
+    pub acl: Vec<String>,
+    pub default_deny: bool,
+    pub oldstyle: bool,
+    pub handshake_timeout: Duration,
+    pub max_clients: usize,
+    /// `listen`: where to listen once the image has arrived.
+    pub rebind: Option<Rebind>,
+    /// The nbdkit-style pause-control socket.
+    pub pause_control: Option<PathBuf>,
+}
+
+/// Where to listen after an incoming migration has arrived.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Rebind {
+    pub addr: Option<std::net::IpAddr>,
+    pub port: Option<u16>,
+}
+
+mod pause;
+mod pause_control;
 mod state;
 
-use state::{Control, Daemon};
+use state::{Control, Daemon, Phase, State};
 
 /// Things the main thread waits for.
 #[derive(Debug)]
@@ -147,34 +176,11 @@ fn bind_retrying(ep: &Endpoint, rx: &mpsc::Receiver<Event>) -> Result<Bound, i32
     }
 }
 
-/// The endpoints to listen on from `--addr`/`--port` and `--unix`.
-fn endpoints(opts: &ServeOpts) -> anyhow::Result<Vec<Endpoint>> {
-    let mut eps = Vec::new();
-    match (&opts.addr, opts.port) {
-        (Some(a), p) => {
-            let port = p.map(|p| p.to_string());
-            let ep = Endpoint::from_addr_port(a, port.as_deref()).map_err(|e| match e {
-                crate::addr::AddrError::BadPort(_) if p.is_none() => {
-                    anyhow!("--port is required with an IP address in --addr")
-                }
-                e => anyhow!(e),
-            })?;
-            eps.push(ep);
-        }
-        (None, Some(_)) => bail!("--addr is required with --port"),
-        (None, None) => {}
-    }
-    if let Some(u) = &opts.unix {
-        eps.push(Endpoint::Unix(u.clone()));
-    }
+pub fn run(opts: &Config) -> anyhow::Result<i32> {
+    let (mode, rebind, eps) = (opts.mode, opts.rebind, &opts.endpoints);
     if eps.is_empty() {
         bail!("--addr and --port (or --unix) are required");
     }
-    Ok(eps)
-}
-
-pub fn run(mode: Mode, opts: &ServeOpts, rebind: Option<Rebind>) -> anyhow::Result<i32> {
-    let eps = endpoints(opts)?;
     let request_timeout = request_timeout()?;
     let stall = stall_budget()?;
     let limits = incoming_limits()?;
@@ -188,7 +194,7 @@ pub fn run(mode: Mode, opts: &ServeOpts, rebind: Option<Rebind>) -> anyhow::Resu
     let max_clients = client_limit(opts.max_clients);
     let server = Server::new(
         export.clone(),
-        Config {
+        srv::Config {
             oldstyle: opts.oldstyle,
             handshake_timeout: opts.handshake_timeout,
             send_timeout: env_secs("FLEXNBD_SEND_TIMEOUT_SECS", crate::server::SEND_TIMEOUT)?,
@@ -230,7 +236,7 @@ pub fn run(mode: Mode, opts: &ServeOpts, rebind: Option<Rebind>) -> anyhow::Resu
     };
 
     let mut bound = Vec::new();
-    for ep in &eps {
+    for ep in eps {
         bound.push(Bound::bind(ep).with_context(|| format!("cannot listen on {ep}"))?);
     }
     let mut listeners: Vec<Listener> = Vec::new();
@@ -242,10 +248,15 @@ pub fn run(mode: Mode, opts: &ServeOpts, rebind: Option<Rebind>) -> anyhow::Resu
         server: server.clone(),
         export: export.clone(),
         file: opts.file.clone(),
-        has_control: AtomicBool::new(mode == Mode::Serve),
-        clients_allowed: AtomicBool::new(mode == Mode::Serve),
-        shutting_down: AtomicBool::new(false),
-        mirror: std::sync::Mutex::new(None),
+        state: std::sync::Mutex::new(State {
+            phase: match mode {
+                Mode::Serve => Phase::Serving,
+                Mode::Listen => Phase::Waiting,
+            },
+            mirror: None,
+        }),
+        pauses: pause::Pauses::start(export.gate().clone())
+            .context("cannot start the pause thread")?,
         events: std::sync::Mutex::new(tx.clone()),
         request_timeout,
         stall,
@@ -259,13 +270,21 @@ pub fn run(mode: Mode, opts: &ServeOpts, rebind: Option<Rebind>) -> anyhow::Resu
         None => None,
     };
 
+    let pause_control = match &opts.pause_control {
+        Some(p) => Some(
+            pause_control::start(p, daemon.clone())
+                .with_context(|| format!("cannot open pause-control socket {}", p.display()))?,
+        ),
+        None => None,
+    };
+
     let mut signalled = false;
     let code = loop {
         match rx.recv() {
             Ok(Event::Signal(s)) => {
                 info!("received signal {s}: shutting down");
                 signalled = true;
-                if daemon.has_control.load(SeqCst) {
+                if daemon.has_control() {
                     break 0;
                 }
                 if let Some(inc) = &incoming {
@@ -291,8 +310,7 @@ pub fn run(mode: Mode, opts: &ServeOpts, rebind: Option<Rebind>) -> anyhow::Resu
                     }
                 }
                 server.set_intake(None);
-                daemon.has_control.store(true, SeqCst);
-                daemon.clients_allowed.store(true, SeqCst);
+                daemon.set_phase(Phase::Serving);
                 info!("took control of the image");
                 if let Some(r) = rebind.filter(|r| r.addr.is_some() || r.port.is_some()) {
                     match rebind_listeners(&mut listeners, r, &server, &rx) {
@@ -308,7 +326,9 @@ pub fn run(mode: Mode, opts: &ServeOpts, rebind: Option<Rebind>) -> anyhow::Resu
         }
     };
 
-    daemon.shutting_down.store(true, SeqCst);
+    daemon.set_phase(Phase::ShuttingDown);
+    // Paused requests are let go (they meet the shutdown below).
+    daemon.pauses.stop();
     for l in listeners {
         l.stop();
     }
@@ -357,6 +377,9 @@ pub fn run(mode: Mode, opts: &ServeOpts, rebind: Option<Rebind>) -> anyhow::Resu
         return Ok(1);
     }
     if let Some(c) = control {
+        c.stop();
+    }
+    if let Some(c) = pause_control {
         c.stop();
     }
     signal_handle.close();

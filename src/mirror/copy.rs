@@ -5,9 +5,10 @@
 use super::link::{Class, Drained, Link, NotSent, Op};
 use super::planner::{backoff, Convergence};
 use super::progress::State;
+use super::MirrorAction;
 use super::{connect, Finish, Shared, StartError};
 use crate::client::Connection;
-use crate::control::MirrorAction;
+use crate::gate::Hold;
 use crate::storage::is_zero;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -28,6 +29,9 @@ const SWEEP_EXTENTS: usize = 1024;
 /// slow for it is given another chance later, with twice the time (up to
 /// the request timeout), while clients are served again.
 const HANDOVER_BUDGET: Duration = Duration::from_secs(1);
+/// While the image is paused, the hand-over is tried again this often
+/// (the dirty ranges are sent meanwhile).
+const PAUSED_RETRY: Duration = Duration::from_millis(100);
 
 /// How the copier sends: piece size, its share of the window, pacing, and
 /// a deadline.
@@ -83,6 +87,8 @@ enum Stop {
     Fatal(String),
     /// The hand-over ran out of time; serve clients again and retry it.
     Slow,
+    /// The image is paused: the hand-over waits for the resume.
+    Paused,
 }
 
 enum Done {
@@ -173,6 +179,7 @@ fn attempts(s: &Arc<Shared>, first: Connection) -> Finish {
             Err(_) if s.stopped() => return Finish::Stopped,
             Err(Stop::Retry(why)) => why,
             Err(Stop::Slow) => "the destination was too slow".into(),
+            Err(Stop::Paused) => "the image stayed paused".into(),
         };
         failures += 1;
         streak = if progressed { 1 } else { streak + 1 };
@@ -259,6 +266,7 @@ fn copy_all(s: &Arc<Shared>, link: &Arc<Link>) -> Result<Done, Stop> {
     s.progress().set_state(State::Active);
     s.observer.forward(link.clone());
     let mut budget = HANDOVER_BUDGET;
+    let mut paused_logged = false;
     loop {
         drain_dirty(s, link, HANDOVER_REMAINDER)?;
         match handover(s, link, budget) {
@@ -270,6 +278,17 @@ fn copy_all(s: &Arc<Shared>, link: &Arc<Link>) -> Result<Done, Stop> {
                 );
                 budget = (budget * 2).min(s.spec.request_timeout);
                 s.progress().set_state(State::Active);
+            }
+            Err(Stop::Paused) => {
+                if !paused_logged {
+                    info!("hand-over: the image is paused; waiting for the resume");
+                    paused_logged = true;
+                }
+                s.progress().set_state(State::Active);
+                if !s.sleep(PAUSED_RETRY) {
+                    continue;
+                }
+                return Err(Stop::Stopped);
             }
             r => return r,
         }
@@ -441,34 +460,61 @@ fn send_zeroes(s: &Shared, link: &Link, off: u64, len: u64) -> Result<(), Stop> 
     Ok(())
 }
 
+/// The gate held for a hand-over. Dropped on any failure, it lets clients
+/// in again; [`Closed::keep`] keeps it closed for as long as the migration
+/// exists (after a hand-over, nothing may be written here any more).
+struct Closed<'a> {
+    s: &'a Shared,
+    hold: Option<Hold>,
+}
+
+impl Closed<'_> {
+    fn keep(mut self) {
+        *self.s.kept.lock().unwrap_or_else(|p| p.into_inner()) = self.hold.take();
+    }
+}
+
+impl Drop for Closed<'_> {
+    fn drop(&mut self) {
+        if let Some(h) = self.hold.take() {
+            drop(h);
+            self.s.hooks.handover_abandoned();
+        }
+    }
+}
+
 /// Stops taking client requests, sends what is left, flushes the destination
 /// and hands the image over (or, with `nothing`, resumes service). Gives up
 /// with [`Stop::Slow`] (clients served again) when the destination needs
-/// more than `budget` for it.
+/// more than `budget` for it, and with [`Stop::Paused`] while the image is
+/// paused.
 fn handover(s: &Arc<Shared>, link: &Arc<Link>, budget: Duration) -> Result<Done, Stop> {
+    if !s.hooks.handover_started() {
+        return Err(Stop::Paused);
+    }
     s.progress().set_state(State::Handover);
-    s.hooks.handover_started();
-    let gate = s.export.gate();
-    while !gate.close(Duration::from_millis(200)) {
+    let closed = Closed {
+        s,
+        hold: Some(s.export.gate().hold()),
+    };
+    while !closed
+        .hold
+        .as_ref()
+        .is_some_and(|h| h.drain_for(Duration::from_millis(200)))
+    {
         if s.stopped() {
-            reopen(s);
             return Err(Stop::Stopped);
         }
     }
     let deadline = Instant::now() + budget;
-    if let Err(e) = finish_copy(s, link, deadline) {
-        reopen(s);
-        return Err(e);
-    }
+    finish_copy(s, link, deadline)?;
     if s.spec.action == MirrorAction::Nothing {
-        reopen(s);
         return Ok(Done::Completed);
     }
     if link.is_oldstyle() {
         // The listen-era C flexnbd takes control only after ENTRUST; later
         // versions answer it as an empty read.
         if let Err(e) = waited(s, link, link.entrust(Some(deadline))) {
-            reopen(s);
             return Err(match e {
                 Stop::Retry(why) => Stop::Retry(format!("ENTRUST was not accepted: {why}")),
                 e => e,
@@ -484,12 +530,12 @@ fn handover(s: &Arc<Shared>, link: &Arc<Link>, budget: Duration) -> Result<Done,
     s.observer.idle();
     if !link.disconnect() {
         // The destination may or may not have taken over: keep the data served here.
-        reopen(s);
         return Err(Stop::Fatal(format!(
             "sending the final disconnect failed ({}); the destination may not have taken over",
             link.failure().unwrap_or_default()
         )));
     }
+    closed.keep();
     Ok(Done::HandedOver)
 }
 
@@ -501,9 +547,4 @@ fn finish_copy(s: &Shared, link: &Link, deadline: Instant) -> Result<(), Stop> {
         return Err(Stop::Retry("image changed during the hand-over".into()));
     }
     Ok(())
-}
-
-fn reopen(s: &Shared) {
-    s.export.gate().open();
-    s.hooks.handover_abandoned();
 }

@@ -17,11 +17,14 @@ mod link;
 mod observer;
 pub mod planner;
 mod progress;
+mod status;
+
+pub use status::{MigrationState, MigrationStatus, MirrorAction};
 
 use crate::addr::Endpoint;
 use crate::client::{Cancel, ClientError, ConnectOptions, Connection};
-use crate::control::{MigrationStatus, MirrorAction};
 use crate::export::Export;
+use crate::gate::Hold;
 use crate::wait;
 use dirty::DirtyMap;
 use link::Link;
@@ -88,8 +91,9 @@ pub enum Finish {
 
 /// What the migration tells the server it runs in.
 pub trait Hooks: Send + Sync {
-    /// The hand-over begins: no new client requests are taken.
-    fn handover_started(&self);
+    /// The hand-over may begin (no new client requests are taken from now
+    /// on): true, unless the image is paused (the hand-over then waits).
+    fn handover_started(&self) -> bool;
     /// The hand-over was abandoned; clients are served again.
     fn handover_abandoned(&self);
     /// The migration ended.
@@ -114,6 +118,8 @@ struct Shared {
     start_cv: Condvar,
     link: Mutex<Option<Arc<Link>>>,
     done_cv: Condvar,
+    /// After a hand-over: the gate stays closed for as long as this exists.
+    kept: Mutex<Option<Hold>>,
 }
 
 /// A running (or finished) migration.
@@ -192,6 +198,7 @@ impl Mirror {
             start_cv: Condvar::new(),
             link: Mutex::new(None),
             done_cv: Condvar::new(),
+            kept: Mutex::new(None),
         });
         let s2 = shared.clone();
         let thread = std::thread::Builder::new()

@@ -10,7 +10,7 @@
 
 use super::planner::SpeedMeter;
 use super::Finish;
-use crate::control::{MigrationState, MigrationStatus};
+use super::{MigrationState, MigrationStatus};
 use std::time::{Duration, Instant};
 
 /// Window of the speed estimate.

@@ -126,7 +126,7 @@ impl Session {
             let _pass = match entered {
                 Ok(p) => p,
                 Err(e) => {
-                    self.reply(w, cookie, Err(e))?;
+                    self.reply(w, cookie, Err(e.into()))?;
                     continue;
                 }
             };
