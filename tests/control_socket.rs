@@ -31,6 +31,7 @@ impl Handler for Fake {
             clients_allowed: true,
             num_clients: 2,
             has_control: true,
+            pause: None,
             migration: self.migrating.then_some(MigrationStatus {
                 speed: 1000,
                 duration: 5,

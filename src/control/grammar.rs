@@ -449,6 +449,7 @@ mod tests {
                 num_clients: 3,
                 has_control: true,
                 migration: self.1.clone(),
+                pause: None,
             }
         }
         fn set_acl(&self, entries: Vec<AclEntry>) {

@@ -28,7 +28,7 @@ pub(super) fn start(path: &Path, daemon: Arc<Daemon>) -> io::Result<ControlServe
         path,
         MAX_CONNECTIONS,
         serve,
-        Arc::new(|s| drop(s)),
+        Arc::new(drop),
     )
 }
 
