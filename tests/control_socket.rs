@@ -125,13 +125,13 @@ fn status_line() {
         r,
         Reply::ok(
             "pid=42 size=1048576 is_mirroring=false clients_allowed=true num_clients=2 \
-             has_control=true"
+             has_control=true paused=false"
         )
     );
     assert_eq!(
         raw(&f.sock, b"status\n\n", false),
         "0: pid=42 size=1048576 is_mirroring=false clients_allowed=true num_clients=2 \
-         has_control=true\n"
+         has_control=true paused=false\n"
     );
     let f = fixture_with(
         Fake {
@@ -144,7 +144,7 @@ fn status_line() {
     assert!(
         text.ends_with(
             "is_mirroring=true clients_allowed=true num_clients=2 has_control=true \
-             migration_speed=1000 migration_duration=5 migration_seconds_left=7 \
+             paused=false migration_speed=1000 migration_duration=5 migration_seconds_left=7 \
              migration_bytes_left=7000 migration_speed_limit=2000 migration_attempts=1 \
              migration_state=copying"
         ),
@@ -372,7 +372,7 @@ fn cli_commands() {
     assert_eq!(
         text(&out.stdout),
         "pid=42 size=1048576 is_mirroring=false clients_allowed=true num_clients=2 \
-         has_control=true\n"
+         has_control=true paused=false\n"
     );
 
     let out = flexnbd(&["status", "--json", "--sock", sock]);
@@ -380,7 +380,7 @@ fn cli_commands() {
     assert_eq!(
         text(&out.stdout),
         "{\"pid\":42,\"size\":1048576,\"is_mirroring\":false,\"clients_allowed\":true,\
-         \"num_clients\":2,\"has_control\":true}\n"
+         \"num_clients\":2,\"has_control\":true,\"paused\":false}\n"
     );
 
     let out = flexnbd(&["acl", "--sock", sock, "127.0.0.1", "nope"]);

@@ -275,7 +275,13 @@ pub fn status_pairs(s: &Status) -> Vec<(&'static str, String)> {
         ("clients_allowed", s.clients_allowed.to_string()),
         ("num_clients", s.num_clients.to_string()),
         ("has_control", s.has_control.to_string()),
+        ("paused", s.pause.is_some().to_string()),
     ];
+    if let Some(p) = &s.pause {
+        v.push(("paused_for", format!("{:.3}", p.paused_for.as_secs_f64())));
+        v.push(("pause_holds", p.holds.to_string()));
+        v.push(("queued_requests", p.queued_requests.to_string()));
+    }
     if let Some(m) = &s.migration {
         v.push(("migration_speed", m.speed.to_string()));
         v.push(("migration_duration", m.duration.to_string()));
@@ -294,12 +300,6 @@ pub fn status_pairs(s: &Status) -> Vec<(&'static str, String)> {
         if let Some(e) = &m.last_error {
             v.push(("migration_last_error", escape_value(e)));
         }
-    }
-    v.push(("paused", s.pause.is_some().to_string()));
-    if let Some(p) = &s.pause {
-        v.push(("paused_for", format!("{:.3}", p.paused_for.as_secs_f64())));
-        v.push(("pause_holds", p.holds.to_string()));
-        v.push(("queued_requests", p.queued_requests.to_string()));
     }
     v
 }
@@ -496,7 +496,7 @@ mod tests {
     #[test]
     fn status_line() {
         let base = "pid=42 size=1048576 is_mirroring=false clients_allowed=true num_clients=3 \
-                    has_control=true";
+                    has_control=true paused=false";
         assert_eq!(reply("status|ignored"), format!("0: {base}\n"));
         let mut m = MigrationStatus {
             speed: 100,
