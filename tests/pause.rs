@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 const SIZE: u64 = 16 * MIB;
 /// The writer uses the first half; reads check the second, which nobody writes.
 const WRITER_BLOCKS: u64 = SIZE / 2 / 4096;
+const SIGHUP: i32 = 1;
 
 /// A writer (python3-libnbd, 8 writes in flight, never two to one block)
 /// that runs until STOP exists, keeps the count of acknowledged writes in
@@ -439,15 +440,16 @@ fn snapshot_resumes_whatever_the_command_does() {
     );
 }
 
-/// Expected: a snapshot process stopped by SIGTERM kills its command and
-/// resumes (status 143); one killed by SIGKILL leaves its command running,
-/// but its control connection closes and the server resumes by itself.
+/// Expected: a snapshot process stopped by SIGTERM, SIGINT or SIGHUP kills
+/// its command and resumes (status 128 + the signal); one killed by SIGKILL
+/// leaves its command running, but its control connection closes and the
+/// server resumes by itself.
 #[test]
 fn snapshot_interrupted_by_sigterm_or_sigkill_resumes() {
     let dir = tempdir();
     let (_img, srv) = serve(dir.path());
     let ctl = dir.path().join("ctl");
-    for sig in [SIGTERM, SIGKILL] {
+    for sig in [SIGTERM, SIGINT, SIGHUP, SIGKILL] {
         let pidfile = dir.path().join(format!("pid{sig}"));
         let cmd = format!("echo $$ > {}; exec sleep 60", pidfile.display());
         let mut snap = Background::spawn(Command::new(bin()).args([
@@ -470,8 +472,8 @@ fn snapshot_interrupted_by_sigterm_or_sigkill_resumes() {
         let mut r = read_pending(srv.addr(), 0);
         assert!(send_signal(snap.pid(), sig));
         let st = snap.wait(Duration::from_secs(10)).expect("snapshot ended");
-        if sig == SIGTERM {
-            assert_eq!(st.code(), Some(143), "{}", snap.stderr());
+        if sig != SIGKILL {
+            assert_eq!(st.code(), Some(128 + sig), "{}", snap.stderr());
             assert!(
                 wait_until(Duration::from_secs(5), || !alive(child)),
                 "command not killed"
@@ -602,4 +604,43 @@ fn a_hand_over_waits_for_the_resume() {
         &read_file(&src.file),
         "migrated image",
     );
+}
+
+/// Expected: `break` while a hand-over waits for the resume ends the
+/// migration: the destination never takes control, the source keeps
+/// serving (still paused until `resume`, then answering reads).
+#[test]
+fn break_ends_a_migration_waiting_for_the_resume() {
+    let src = common::migration::source(8 * MIB, 0x52);
+    let mut dst = common::migration::listener(8 * MIB, &[]);
+    let sctl = src.srv.ctl().to_path_buf();
+    let c = sctl.to_str().unwrap();
+    ok(&["pause", "-s", c, "-t", "60"]);
+    mirror_cmd(&sctl, dst.srv.addr(), &[]).expect_success("mirror while paused");
+    assert!(
+        wait_until(Duration::from_secs(30), || try_status(&sctl).is_some_and(
+            |s| s.get("migration_state").is_some_and(|v| v == "active")
+        )),
+        "{:?}",
+        try_status(&sctl)
+    );
+    ok(&["break", "-s", c]);
+    assert!(
+        wait_until(Duration::from_secs(10), || status_map(&sctl)
+            ["is_mirroring"]
+            == "false"),
+        "{:?}",
+        status_map(&sctl)
+    );
+    assert!(paused(&sctl), "break does not end the pause");
+    let mut r = read_pending(src.srv.addr(), 0);
+    assert!(read_done(&mut r, Duration::from_millis(300)).is_none());
+    ok(&["resume", "-s", c]);
+    let data = read_done(&mut r, Duration::from_secs(5)).expect("read after resume");
+    assert_bytes_eq(
+        &data,
+        &read_file_at(&src.file, 0, 4096),
+        "source still serves",
+    );
+    dst.assert_waiting();
 }
