@@ -157,10 +157,6 @@ fn check_writes(image: &[u8], record: &serde_json::Value, what: &str) {
     }
 }
 
-fn md5_of(p: &Path) -> String {
-    md5_file(p)
-}
-
 /// A READ of 4 KiB at `off` sent now; its reply is read by [`read_done`].
 fn read_pending(addr: std::net::SocketAddr, off: u64) -> Raw {
     let mut c = Raw::simple(addr);
@@ -231,7 +227,7 @@ fn pause_freezes_the_image_under_a_writer_and_resume_lets_it_go_on() {
     let reply = ok(&["pause", "--sock", ctl.to_str().unwrap(), "--timeout", "30"]);
     assert!(reply.contains("paused"), "{reply}");
     let t = Instant::now();
-    let m0 = md5_of(&img);
+    let m0 = md5_file(&img);
     let seen = w.dump();
     let acked = seen["n_ok"].as_u64().unwrap();
     let mut c = read_pending(srv.addr(), SIZE - 8192);
@@ -249,7 +245,7 @@ fn pause_freezes_the_image_under_a_writer_and_resume_lets_it_go_on() {
         "the read (and the writer's writes) wait: {st:?}"
     );
     while t.elapsed() < Duration::from_secs(3) {
-        assert_eq!(md5_of(&img), m0, "the image changed while paused");
+        assert_eq!(md5_file(&img), m0, "the image changed while paused");
     }
     assert_eq!(
         w.dump()["n_ok"].as_u64(),

@@ -19,11 +19,7 @@ const INFO_BLOCK_SIZE: u16 = 3;
 
 /// `losetup`, when this machine has it.
 fn losetup() -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))
-        .map(|d| d.join("losetup"))
-        .find(|p| p.is_file())
+    find_tool("losetup")
 }
 
 /// An attached loop device, detached on drop.

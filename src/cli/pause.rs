@@ -198,7 +198,9 @@ pub fn run_pause(args: PauseArgs) -> anyhow::Result<i32> {
     let mut paused = paused;
     while !paused.is_empty() && stop.load(SeqCst) == 0 {
         paused.retain_mut(|p| {
-            let c = p.conn.as_mut().expect("held");
+            let Some(c) = p.conn.as_mut() else {
+                return false;
+            };
             match c.reply(Some(Instant::now() + Duration::from_millis(100))) {
                 Err(crate::control::client::ControlClientError::Timeout { .. }) => true,
                 Ok(r) => {
@@ -268,8 +270,10 @@ pub fn run_snapshot(args: SnapshotArgs) -> anyhow::Result<i32> {
         signal_hook::flag::register_usize(sig, stop.clone(), sig as usize)
             .context("cannot install signal handlers")?;
     }
+    let Some((prog, rest)) = args.command.split_first() else {
+        bail!("snapshot: no command given (after --)");
+    };
     let paused = pause_all(&args.sock, args.timeout + LEASE_MARGIN, true)?;
-    let (prog, rest) = args.command.split_first().expect("clap requires a command");
     let mut cmd = Command::new(prog);
     cmd.args(rest).process_group(0);
     cmd.env("FLEXNBD_FILE", &paused[0].file)

@@ -9,8 +9,6 @@ use crate::wait;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-/// The default lease of a pause.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 /// A pause this long gets a warning: kernel clients and VMs time out.
 pub const LONG_PAUSE: Duration = Duration::from_secs(30);
 

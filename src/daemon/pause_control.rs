@@ -6,8 +6,9 @@
 //! here is a lease like any other (60 s unless resumed), and it is not
 //! ended when the connection that took it closes.
 
-use super::pause::{Owner, DEFAULT_TIMEOUT};
+use super::pause::Owner;
 use super::state::Daemon;
+use crate::control::grammar::PAUSE_TIMEOUT;
 use crate::control::server::{ControlServer, Serve};
 use std::io::{self, ErrorKind, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -39,7 +40,7 @@ fn answer(d: &Daemon, b: u8) -> Option<u8> {
             if d.pauses.has(Owner::PauseControl) {
                 return Some(b'P');
             }
-            match d.pause(Owner::PauseControl, DEFAULT_TIMEOUT) {
+            match d.pause(Owner::PauseControl, PAUSE_TIMEOUT) {
                 Ok(_) => Some(b'P'),
                 Err(e) => {
                     warn!("pause-control: cannot pause: {e}");

@@ -399,15 +399,20 @@ pub fn run_with_stdin(cmd: &mut Command, input: Option<Vec<u8>>, timeout: Durati
     }
 }
 
+/// Finds `name` on PATH, in /usr/bin or in the sbin directories.
+pub fn find_tool(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/bin", "/usr/sbin", "/sbin"].map(PathBuf::from))
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
 /// Finds `name` on PATH or fails the test with a clear message (CI installs it).
 #[track_caller]
 pub fn require_tool(name: &str) -> PathBuf {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    for dir in std::env::split_paths(&path).chain([PathBuf::from("/usr/bin")]) {
-        let p = dir.join(name);
-        if p.is_file() {
-            return p;
-        }
+    if let Some(p) = find_tool(name) {
+        return p;
     }
     panic!(
         "required tool `{name}` is not installed (Debian: apt-get install libnbd-bin nbdkit \
