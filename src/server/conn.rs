@@ -115,7 +115,7 @@ pub fn is_timeout(e: &io::Error) -> bool {
     )
 }
 
-fn timed_out(what: &str) -> io::Error {
+pub(super) fn timed_out(what: &str) -> io::Error {
     io::Error::new(io::ErrorKind::TimedOut, format!("{what} timed out"))
 }
 

@@ -1,7 +1,7 @@
 //! Read replies sent straight from the page cache with `sendfile(2)`: the
 //! data is not copied through the server's memory.
 
-use super::conn::{is_timeout, send_by};
+use super::conn::{is_timeout, send_by, timed_out};
 use super::exec::errno;
 use super::out::MAX_BUFFERED_READ;
 use super::session::{Session, Worker};
@@ -18,10 +18,6 @@ pub(super) const ZERO_COPY_MIN: usize = 64 * 1024;
 
 /// Zeroes for the part of a reply past the end of a file that shrank.
 static ZEROES: [u8; 64 * 1024] = [0; 64 * 1024];
-
-fn send_timed_out() -> io::Error {
-    io::Error::new(io::ErrorKind::TimedOut, "sending to the client timed out")
-}
 
 impl Session {
     /// Writes a small header that the data will follow at once.
@@ -56,14 +52,14 @@ impl Session {
                             deadline = self.send.deadline();
                             piece_end = sent + MAX_BUFFERED_READ;
                         } else if Instant::now() >= deadline {
-                            return Err(send_timed_out());
+                            return Err(timed_out("sending to the client"));
                         }
                         continue;
                     }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) if is_timeout(&e) => {
                         if Instant::now() >= deadline {
-                            return Err(send_timed_out());
+                            return Err(timed_out("sending to the client"));
                         }
                         continue;
                     }
