@@ -82,6 +82,24 @@ impl Export {
         &self.storage
     }
 
+    /// The smallest block the image can be addressed in (a block device's
+    /// logical block size; 1 for files).
+    pub fn min_block(&self) -> u32 {
+        self.storage.min_block()
+    }
+
+    /// The descriptor reads can be sent from with `sendfile(2)`, if the
+    /// backend has one (the capability a session checks before zero-copy).
+    pub fn sendfile_source(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        Some(self.storage.fd())
+    }
+
+    /// Where data and holes are in the range, at most `max` runs; `None`
+    /// when the backend cannot tell (then the whole range is data).
+    pub fn data_map(&self, offset: u64, len: u64, max: usize) -> Option<Vec<Extent>> {
+        self.storage.data_map(offset, len, max).ok()
+    }
+
     pub fn gate(&self) -> &Arc<Gate> {
         &self.gate
     }

@@ -30,7 +30,7 @@ use crate::proto::{ClientFlags, Greeting, OptionHeader, OptionReplyHeader, Reply
 use crate::server::conn::Deadline;
 use crate::server::handshake::{negotiate, transmission_flags, ExportInfo, Negotiated};
 use crate::server::validate::{validate, Op, MAX_DF_READ, MAX_REQUEST};
-use crate::server::Conn;
+use crate::stream::Stream;
 use std::io::{self, Read};
 use std::net::{IpAddr, Shutdown};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -57,17 +57,17 @@ const EXPORT_SIZE: u64 = 1 << 20;
 /// decoded as requests and validated against what was negotiated.
 pub fn server_handshake(data: &[u8]) {
     let (mode, input) = split_mode(data);
-    let info = ExportInfo {
-        size: [EXPORT_SIZE, 0, 4097, u64::MAX][usize::from(mode >> 3) & 3],
-        read_only: mode & 1 != 0,
-        oldstyle: mode & 4 != 0,
-        min_block: 1,
-    };
+    let info = ExportInfo::local(
+        [EXPORT_SIZE, 0, 4097, u64::MAX][usize::from(mode >> 3) & 3],
+        mode & 1 != 0,
+        mode & 4 != 0,
+        1,
+    );
     let shutting_down = AtomicBool::new(mode & 2 != 0);
     let (server, client) = UnixStream::pair().expect("fuzz harness: socketpair");
     set_timeouts(&server);
     set_timeouts(&client);
-    let conn = Conn::Unix(server);
+    let conn = Stream::Unix(server);
     thread::scope(|s| {
         let writer = s.spawn(|| {
             send_all(&client, input);
@@ -95,10 +95,11 @@ pub fn server_handshake(data: &[u8]) {
 /// magic skips a byte, a WRITE skips its payload), each validated against
 /// every kind of negotiation, export size and read-only setting.
 pub fn request_headers(data: &[u8]) {
+    let local = ExportInfo::local(EXPORT_SIZE, false, false, 1);
     let neg = |structured, base_allocation| Negotiated {
         structured,
         base_allocation,
-        flags: 0,
+        flags: transmission_flags(&local, structured),
     };
     let negs = [neg(false, false), neg(true, false), neg(true, true)];
     requests(
@@ -297,12 +298,7 @@ pub fn client_replies(data: &[u8]) {
     let (mode, input) = split_mode(data);
     let style = mode & 3;
     let structured = style == 2;
-    let export = ExportInfo {
-        size: EXPORT_SIZE,
-        read_only: false,
-        oldstyle: style == 0,
-        min_block: 1,
-    };
+    let export = ExportInfo::local(EXPORT_SIZE, false, style == 0, 1);
     let flags = transmission_flags(&export, structured);
     let mut script = match style {
         0 => oldstyle_greeting(EXPORT_SIZE, u32::from(flags)).to_vec(),

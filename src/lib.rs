@@ -58,5 +58,6 @@ pub mod mirror;
 pub mod net;
 pub mod server;
 pub mod storage;
+pub mod stream;
 pub mod sys;
 pub mod wait;

@@ -126,6 +126,9 @@ pub struct ConnectOptions {
     pub export_name: String,
     /// Ask a newstyle server for structured replies.
     pub structured_replies: bool,
+    /// Also select the `base:allocation` meta context (for BLOCK_STATUS);
+    /// only with structured replies.
+    pub base_allocation: bool,
     /// Socket timeout while waiting for a reply in the transmission phase; `None` waits forever.
     pub request_timeout: Option<Duration>,
     /// A migration link: TCP keepalive and `TCP_USER_TIMEOUT` notice a dead peer fast.
@@ -142,6 +145,7 @@ impl Default for ConnectOptions {
             greeting_timeout: GREETING_TIMEOUT,
             export_name: String::new(),
             structured_replies: false,
+            base_allocation: false,
             request_timeout: None,
             migration: false,
             cancel: None,
@@ -168,6 +172,8 @@ pub struct ExportInfo {
     pub oldstyle: bool,
     /// Structured replies were negotiated.
     pub structured_replies: bool,
+    /// The id the server gave `base:allocation`, when it was selected.
+    pub base_allocation: Option<u32>,
     /// Block size constraints, if the server sent them.
     pub block_size: Option<BlockSize>,
 }

@@ -5,7 +5,7 @@
 use super::transport::Stream;
 use super::{printable, BlockSize, ClientError, ConnectOptions, ExportInfo};
 use crate::proto::consts::*;
-use crate::proto::handshake::InfoRequest;
+use crate::proto::handshake::{InfoRequest, MetaContextRequest};
 use crate::proto::{
     be_u16, be_u32, be_u64, ClientFlags, Greeting, OptionHeader, OptionReplyHeader,
 };
@@ -37,6 +37,7 @@ pub(crate) fn negotiate(s: &Stream, opts: &ConnectOptions) -> Result<ExportInfo,
             flags: (flags & 0xffff) as u16,
             oldstyle: true,
             structured_replies: false,
+            base_allocation: None,
             block_size: None,
         },
         Greeting::Newstyle { flags } => h.newstyle(flags, opts)?,
@@ -100,10 +101,47 @@ impl Haggle<'_> {
             return self.export_name(name, no_zeroes, false);
         }
         let structured = opts.structured_replies && self.structured_replies()?;
-        match self.go(name, structured)? {
-            Some(info) => Ok(info),
-            None => self.export_name(name, no_zeroes, structured),
+        let base_allocation = match structured && opts.base_allocation {
+            true => self.base_allocation(name)?,
+            false => None,
+        };
+        let info = match self.go(name, structured)? {
+            Some(info) => info,
+            None => self.export_name(name, no_zeroes, structured)?,
+        };
+        Ok(ExportInfo {
+            base_allocation,
+            ..info
+        })
+    }
+
+    /// Selects `base:allocation` with NBD_OPT_SET_META_CONTEXT; its id, or
+    /// `None` when the server has no such context (or refuses the option).
+    fn base_allocation(&mut self, name: &str) -> Result<Option<u32>, ClientError> {
+        let data = MetaContextRequest {
+            name: name.to_owned(),
+            queries: vec!["base:allocation".into()],
         }
+        .encode();
+        let req = OptionHeader::encode_with(OPT_SET_META_CONTEXT, &data);
+        self.send(&req, "NBD_OPT_SET_META_CONTEXT")?;
+        let mut id = None;
+        for _ in 0..MAX_REPLIES_PER_OPTION {
+            let (h, payload) = self.option_reply(OPT_SET_META_CONTEXT)?;
+            match h.reply_type {
+                REP_ACK => return Ok(id),
+                REP_META_CONTEXT if payload.len() >= 4 => {
+                    if &payload[4..] == b"base:allocation" {
+                        id = Some(be_u32(&payload, 0));
+                    }
+                }
+                _ if h.is_error() => return Ok(None),
+                t => return Err(unexpected(t, OPT_SET_META_CONTEXT)),
+            }
+        }
+        Err(ClientError::Protocol(
+            "too many replies to NBD_OPT_SET_META_CONTEXT".into(),
+        ))
     }
 
     fn structured_replies(&mut self) -> Result<bool, ClientError> {
@@ -142,6 +180,7 @@ impl Haggle<'_> {
                         flags,
                         oldstyle: false,
                         structured_replies: structured,
+                        base_allocation: None,
                         block_size,
                     }));
                 }
@@ -187,6 +226,7 @@ impl Haggle<'_> {
             flags: be_u16(&b, 8),
             oldstyle: false,
             structured_replies: structured,
+            base_allocation: None,
             block_size: None,
         })
     }

@@ -1,24 +1,51 @@
 //! Pipelined use of a connection: a [`Sender`] that puts requests with
 //! caller-chosen cookies on the wire and a [`Receiver`] that collects their
 //! completions in whatever order the server answers, each on its own thread.
+//! A READ's completion carries its data, a BLOCK_STATUS's its descriptors.
 
 use super::reply::{read_header, ReplyState, Sink};
 use super::transport::{ShutdownHandle, Stream};
 use super::{check_range, io_error, unsupported, ClientError, ExportInfo, SMALL_WRITE};
 use crate::proto::consts::*;
 use crate::proto::{Command, ReplyHeader, Request};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::io::Write;
 use std::net::Shutdown;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-/// Cookies of the requests sent and not yet completed.
+/// What the reply to a request in flight carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expect {
+    Nothing,
+    /// READ data for `[offset, offset + len)`.
+    Data {
+        offset: u64,
+        len: u32,
+    },
+    /// BLOCK_STATUS descriptors.
+    Extents,
+}
+
+impl Expect {
+    fn of(req: &Request) -> Expect {
+        match req.command {
+            Command::Read => Expect::Data {
+                offset: req.offset,
+                len: req.length,
+            },
+            Command::BlockStatus => Expect::Extents,
+            _ => Expect::Nothing,
+        }
+    }
+}
+
+/// The requests sent and not yet completed, by cookie.
 #[derive(Debug, Default)]
-struct InFlight(Mutex<HashSet<u64>>);
+struct InFlight(Mutex<HashMap<u64, Expect>>);
 
 impl InFlight {
-    fn lock(&self) -> MutexGuard<'_, HashSet<u64>> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<u64, Expect>> {
         // The set stays consistent even if a holder panicked.
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -30,6 +57,19 @@ pub struct Completion {
     pub cookie: u64,
     /// `Err` is always [`ClientError::Nbd`]: the server refused this request.
     pub result: Result<(), ClientError>,
+    /// What a successful READ or BLOCK_STATUS returned.
+    pub body: Body,
+}
+
+/// The data a reply carried.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub enum Body {
+    #[default]
+    Empty,
+    /// A READ's data, holes as zeroes.
+    Data(Vec<u8>),
+    /// BLOCK_STATUS descriptors: (length, flags).
+    Extents(Vec<(u32, u32)>),
 }
 
 /// The sending half of a pipelined connection.
@@ -49,7 +89,7 @@ pub struct Receiver {
     info: ExportInfo,
     timeout: Duration,
     in_flight: Arc<InFlight>,
-    partial: HashMap<u64, ReplyState>,
+    partial: HashMap<u64, (ReplyState, Body)>,
 }
 
 pub(crate) fn split(
@@ -152,6 +192,41 @@ impl Sender {
         self.send(Request::entrust(cookie), &[])
     }
 
+    /// Sends a READ of `len` bytes at `offset`; the data comes with its completion.
+    pub fn read(&mut self, cookie: u64, offset: u64, len: u32) -> Result<(), ClientError> {
+        check_range(offset, u64::from(len))?;
+        self.send(Request::new(Command::Read, 0, cookie, offset, len), &[])
+    }
+
+    /// Sends any request as it is (the proxy forwards clients' requests this
+    /// way): commands and flags the export did not advertise are refused.
+    pub fn forward(&mut self, req: Request, payload: &[u8]) -> Result<(), ClientError> {
+        let info = self.info;
+        let has = |flag| info.flags & flag != 0;
+        let ok = match req.command {
+            Command::Read | Command::Write => true,
+            Command::Flush => has(FLAG_SEND_FLUSH),
+            Command::Trim => has(FLAG_SEND_TRIM),
+            Command::WriteZeroes => has(FLAG_SEND_WRITE_ZEROES),
+            Command::Cache => has(FLAG_SEND_CACHE),
+            Command::BlockStatus => info.base_allocation.is_some(),
+            _ => false,
+        };
+        if !ok {
+            return Err(unsupported(req.command.name()));
+        }
+        if req.flags & CMD_FLAG_FUA != 0 && !info.can_fua() {
+            return Err(unsupported("FUA"));
+        }
+        if req.command == Command::Write && payload.len() != req.length as usize {
+            return Err(ClientError::Invalid(
+                "payload length differs from the request's".into(),
+            ));
+        }
+        check_range(req.offset, u64::from(req.length))?;
+        self.send(req, payload)
+    }
+
     /// Sends NBD_CMD_DISC (which has no reply) and stops sending. The receiver
     /// still collects replies to earlier requests, then sees the end of the stream.
     pub fn disconnect(&mut self) -> Result<(), ClientError> {
@@ -164,7 +239,12 @@ impl Sender {
     }
 
     fn send(&mut self, req: Request, payload: &[u8]) -> Result<(), ClientError> {
-        if !self.in_flight.lock().insert(req.cookie) {
+        if self
+            .in_flight
+            .lock()
+            .insert(req.cookie, Expect::of(&req))
+            .is_some()
+        {
             return Err(ClientError::Invalid(format!(
                 "cookie {:#x} is already in flight",
                 req.cookie
@@ -217,12 +297,28 @@ impl Receiver {
                 };
             };
             let cookie = h.cookie();
-            if !self.in_flight.lock().contains(&cookie) {
+            let Some(expect) = self.in_flight.lock().get(&cookie).copied() else {
                 return Err(ClientError::WrongHandle(cookie));
-            }
-            let mut state = match self.partial.remove(&cookie) {
+            };
+            let (mut state, mut body) = match self.partial.remove(&cookie) {
                 Some(st) => st,
-                None => ReplyState::new(0, 0, timeout),
+                None => match expect {
+                    Expect::Data { offset, len } => (
+                        ReplyState::new(offset, u64::from(len), timeout),
+                        Body::Data(vec![0u8; len as usize]),
+                    ),
+                    Expect::Extents => (ReplyState::new(0, 1, timeout), Body::Extents(Vec::new())),
+                    Expect::Nothing => (ReplyState::new(0, 0, timeout), Body::Empty),
+                },
+            };
+            let context = self.info.base_allocation.unwrap_or(0);
+            let mut sink = match &mut body {
+                Body::Empty => Sink::Nothing,
+                Body::Data(d) => Sink::Slice(d),
+                Body::Extents(e) => Sink::Extents {
+                    id: context,
+                    out: e,
+                },
             };
             let done = match h {
                 ReplyHeader::Simple(r) => {
@@ -231,7 +327,7 @@ impl Receiver {
                             "simple reply after structured chunks".into(),
                         ));
                     }
-                    state.simple(s, r, &mut Sink::Nothing)?;
+                    state.simple(s, r, &mut sink)?;
                     true
                 }
                 ReplyHeader::Chunk(c) => {
@@ -240,16 +336,23 @@ impl Receiver {
                             "structured reply chunk without negotiation".into(),
                         ));
                     }
-                    state.chunk(s, c, &mut Sink::Nothing)?
+                    state.chunk(s, c, &mut sink)?
                 }
             };
             if done {
                 self.in_flight.lock().remove(&cookie);
                 let result = state.outcome().map_err(|f| f.into_error());
-                return Ok(Some(Completion { cookie, result }));
+                if result.is_err() {
+                    body = Body::Empty;
+                }
+                return Ok(Some(Completion {
+                    cookie,
+                    result,
+                    body,
+                }));
             }
             state.mark_started();
-            self.partial.insert(cookie, state);
+            self.partial.insert(cookie, (state, body));
         }
     }
 }

@@ -11,6 +11,8 @@ use std::time::Duration;
 
 /// Largest error chunk payload accepted (the message is at most 4096 bytes).
 const MAX_ERROR_CHUNK: u32 = 64 * 1024;
+/// Largest BLOCK_STATUS chunk accepted (128 Ki descriptors).
+const MAX_STATUS_CHUNK: u32 = 1 << 20;
 
 /// Where the data of a READ reply goes.
 pub(crate) enum Sink<'a> {
@@ -23,6 +25,18 @@ pub(crate) enum Sink<'a> {
         out: &'a mut dyn Write,
         buf: &'a mut [u8],
     },
+    /// A BLOCK_STATUS reply: the (length, flags) descriptors of context `id`.
+    Extents {
+        id: u32,
+        out: &'a mut Vec<(u32, u32)>,
+    },
+}
+
+impl Sink<'_> {
+    /// The reply carries READ data.
+    fn takes_data(&self) -> bool {
+        matches!(self, Sink::Slice(_) | Sink::Writer { .. })
+    }
 }
 
 /// An error a server returned for a request.
@@ -142,8 +156,10 @@ impl ReplyState {
             self.failure = Some(Failure::from_code(r.error, None));
             return Ok(());
         }
-        if !matches!(sink, Sink::Nothing) {
+        if sink.takes_data() {
             self.copy_in(s, sink, 0, self.len)?;
+        } else if let Sink::Extents { .. } = sink {
+            return Err(proto("simple reply to BLOCK_STATUS"));
         }
         Ok(())
     }
@@ -161,8 +177,23 @@ impl ReplyState {
                     return Err(proto("NONE chunk with a payload or without the DONE flag"));
                 }
             }
+            REPLY_TYPE_BLOCK_STATUS => {
+                let Sink::Extents { id, out } = sink else {
+                    return Err(proto("block status chunk in reply to another request"));
+                };
+                if c.length < 12 || (c.length - 4) % 8 != 0 || c.length > MAX_STATUS_CHUNK {
+                    return Err(proto("BLOCK_STATUS chunk of a bad length"));
+                }
+                let mut p = vec![0u8; c.length as usize];
+                self.read_exact(s, &mut p)?;
+                if be_u32(&p, 0) != *id {
+                    return Err(proto("BLOCK_STATUS chunk for a context not selected"));
+                }
+                out.extend(p[4..].chunks_exact(8).map(|d| (be_u32(d, 0), be_u32(d, 4))));
+                self.delivered = self.len;
+            }
             REPLY_TYPE_OFFSET_DATA => {
-                if matches!(sink, Sink::Nothing) {
+                if !sink.takes_data() {
                     return Err(proto("data chunk in reply to a request without data"));
                 }
                 if c.length < 8 {
@@ -175,7 +206,7 @@ impl ReplyState {
                 self.copy_in(s, sink, rel, n)?;
             }
             REPLY_TYPE_OFFSET_HOLE => {
-                if matches!(sink, Sink::Nothing) {
+                if !sink.takes_data() {
                     return Err(proto("hole chunk in reply to a request without data"));
                 }
                 if c.length != 12 {
@@ -212,6 +243,9 @@ impl ReplyState {
             return Ok(false);
         }
         if self.failure.is_none() && !matches!(sink, Sink::Nothing) && self.delivered != self.len {
+            if let Sink::Extents { .. } = sink {
+                return Err(proto("block status reply without descriptors"));
+            }
             return Err(ClientError::Protocol(format!(
                 "read reply covered {} of {} bytes",
                 self.delivered, self.len
@@ -243,7 +277,9 @@ impl ReplyState {
     ) -> Result<(), ClientError> {
         let deliver = self.failure.is_none();
         match sink {
-            Sink::Nothing => return Err(proto("data for a request without data")),
+            Sink::Nothing | Sink::Extents { .. } => {
+                return Err(proto("data for a request without data"))
+            }
             Sink::Slice(b) => {
                 let dst = range_mut(b, rel, n)?;
                 self.read_exact(s, dst)?;
@@ -275,7 +311,9 @@ impl ReplyState {
             return Ok(());
         }
         match sink {
-            Sink::Nothing => return Err(proto("hole for a request without data")),
+            Sink::Nothing | Sink::Extents { .. } => {
+                return Err(proto("hole for a request without data"))
+            }
             Sink::Slice(b) => range_mut(b, rel, n)?.fill(0),
             Sink::Writer { out, buf } => {
                 if buf.is_empty() && n > 0 {

@@ -1,79 +1,15 @@
-//! Client sockets: TCP (optionally bound, with a connect timeout) or unix stream,
+//! Opening client sockets ([`Stream`]): TCP (optionally bound, with a connect timeout) or unix stream,
 //! the handle that shuts one down from another thread, and the cancellation of
 //! an attempt under way.
 
 use super::{ClientError, ConnectOptions};
 use crate::addr::Endpoint;
+pub(crate) use crate::stream::Stream;
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
-use std::io::{self, Read, Write};
+use std::io;
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
-
-/// A connected client socket.
-#[derive(Debug)]
-pub(crate) enum Stream {
-    Tcp(TcpStream),
-    Unix(UnixStream),
-}
-
-impl Stream {
-    pub(crate) fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
-        match self {
-            Stream::Tcp(s) => s.set_read_timeout(t),
-            Stream::Unix(s) => s.set_read_timeout(t),
-        }
-    }
-
-    pub(crate) fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
-        match self {
-            Stream::Tcp(s) => s.set_write_timeout(t),
-            Stream::Unix(s) => s.set_write_timeout(t),
-        }
-    }
-
-    pub(crate) fn shutdown(&self, how: Shutdown) -> io::Result<()> {
-        match self {
-            Stream::Tcp(s) => s.shutdown(how),
-            Stream::Unix(s) => s.shutdown(how),
-        }
-    }
-}
-
-impl Read for &Stream {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match *self {
-            Stream::Tcp(s) => {
-                let mut r: &TcpStream = s;
-                r.read(buf)
-            }
-            Stream::Unix(s) => {
-                let mut r: &UnixStream = s;
-                r.read(buf)
-            }
-        }
-    }
-}
-
-impl Write for &Stream {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match *self {
-            Stream::Tcp(s) => {
-                let mut w: &TcpStream = s;
-                w.write(buf)
-            }
-            Stream::Unix(s) => {
-                let mut w: &UnixStream = s;
-                w.write(buf)
-            }
-        }
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
 
 /// Opens a socket to `endpoint` as `opts` say (bind address, connect
 /// timeout, migration tuning, cancellation). Any failure is

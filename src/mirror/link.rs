@@ -314,7 +314,7 @@ impl Link {
     fn receive(&self, mut rx: Receiver) {
         loop {
             match rx.recv() {
-                Ok(Some(Completion { cookie, result })) => {
+                Ok(Some(Completion { cookie, result, .. })) => {
                     if let Err(e) = result {
                         self.fail(format!("the destination refused a request: {e}"));
                         return;

@@ -223,7 +223,6 @@ impl Session {
             // Chunks on the real data/hole boundaries.
             let map = self
                 .export
-                .storage()
                 .data_map(req.offset, len as u64, MAX_READ_CHUNKS)
                 .unwrap_or_default();
             let all_data = map.len() <= 1 && map.first().is_none_or(|e| !e.hole);

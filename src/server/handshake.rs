@@ -21,6 +21,16 @@ pub const MAX_PAYLOAD: u32 = 32 << 20;
 /// Option data beyond this is discarded and refused; far beyond it the client is dropped.
 const MAX_DISCARD: u32 = 16 << 20;
 
+/// Every optional transmission flag a local image supports.
+pub const LOCAL_CAPS: u16 = FLAG_SEND_FLUSH
+    | FLAG_SEND_FUA
+    | FLAG_CAN_MULTI_CONN
+    | FLAG_SEND_CACHE
+    | FLAG_SEND_TRIM
+    | FLAG_SEND_WRITE_ZEROES
+    | FLAG_SEND_FAST_ZERO
+    | FLAG_SEND_DF;
+
 /// What the export looks like to the handshake.
 #[derive(Debug, Clone, Copy)]
 pub struct ExportInfo {
@@ -29,6 +39,28 @@ pub struct ExportInfo {
     pub oldstyle: bool,
     /// The minimum block size advertised (a block device's logical block size).
     pub min_block: u32,
+    /// The optional transmission flags the backend supports ([`LOCAL_CAPS`]
+    /// for an image; what the upstream advertised for the proxy).
+    pub caps: u16,
+    /// Structured replies can be offered.
+    pub structured: bool,
+    /// The `base:allocation` meta context can be offered (needs `structured`).
+    pub block_status: bool,
+}
+
+impl ExportInfo {
+    /// A local image of `size` bytes, with every capability.
+    pub fn local(size: u64, read_only: bool, oldstyle: bool, min_block: u32) -> ExportInfo {
+        ExportInfo {
+            size,
+            read_only,
+            oldstyle,
+            min_block,
+            caps: LOCAL_CAPS,
+            structured: true,
+            block_status: true,
+        }
+    }
 }
 
 /// What was agreed for the transmission phase.
@@ -70,15 +102,16 @@ impl From<io::Error> for HandshakeError {
 
 /// Transmission flags for this export, given whether structured replies are on.
 pub fn transmission_flags(info: &ExportInfo, structured: bool) -> u16 {
-    let mut f =
-        FLAG_HAS_FLAGS | FLAG_SEND_FLUSH | FLAG_SEND_FUA | FLAG_CAN_MULTI_CONN | FLAG_SEND_CACHE;
+    let caps = info.caps;
+    let mut f = FLAG_HAS_FLAGS
+        | (caps & (FLAG_SEND_FLUSH | FLAG_SEND_FUA | FLAG_CAN_MULTI_CONN | FLAG_SEND_CACHE));
     if info.read_only {
         f |= FLAG_READ_ONLY;
     } else {
-        f |= FLAG_SEND_TRIM | FLAG_SEND_WRITE_ZEROES | FLAG_SEND_FAST_ZERO;
+        f |= caps & (FLAG_SEND_TRIM | FLAG_SEND_WRITE_ZEROES | FLAG_SEND_FAST_ZERO);
     }
     if structured {
-        f |= FLAG_SEND_DF;
+        f |= caps & FLAG_SEND_DF;
     }
     f
 }
@@ -220,7 +253,9 @@ impl Haggle<'_> {
             }
             OPT_INFO | OPT_GO => self.info_go(opt, data),
             OPT_STRUCTURED_REPLY => {
-                if !data.is_empty() {
+                if !self.info.structured {
+                    self.error(opt, REP_ERR_UNSUP, "structured replies are not available")?;
+                } else if !data.is_empty() {
                     self.error(
                         opt,
                         REP_ERR_INVALID,
@@ -294,15 +329,16 @@ impl Haggle<'_> {
             return self.error(opt, REP_ERR_INVALID, "a query must start with a namespace");
         }
         let list = opt == OPT_LIST_META_CONTEXT;
-        let selected = if list {
-            req.queries.is_empty()
-                || req
-                    .queries
-                    .iter()
-                    .any(|q| q == "base:" || q == BASE_ALLOCATION)
-        } else {
-            req.queries.iter().any(|q| q == BASE_ALLOCATION)
-        };
+        let selected = self.info.block_status
+            && if list {
+                req.queries.is_empty()
+                    || req
+                        .queries
+                        .iter()
+                        .any(|q| q == "base:" || q == BASE_ALLOCATION)
+            } else {
+                req.queries.iter().any(|q| q == BASE_ALLOCATION)
+            };
         if selected {
             let id = if list { 0 } else { BASE_ALLOCATION_ID };
             self.reply(

@@ -1,7 +1,8 @@
 //! Listening sockets (TCP and unix) and their accept loops.
 
-use super::{Conn, Server};
+use super::Server;
 use crate::addr::Endpoint;
+use crate::stream::Stream;
 use std::io;
 use std::net::{Shutdown, TcpListener};
 use std::os::unix::fs::FileTypeExt;
@@ -136,8 +137,8 @@ fn accept_loop(bound: Bound, server: Arc<Server>, stop: Arc<AtomicBool>) {
     let mut failures = 0u32;
     while !stop.load(SeqCst) {
         let r = match &bound {
-            Bound::Tcp(l) => l.accept().map(|(s, _)| Conn::Tcp(s)),
-            Bound::Unix(l, _) => l.accept().map(|(s, _)| Conn::Unix(s)),
+            Bound::Tcp(l) => l.accept().map(|(s, _)| Stream::Tcp(s)),
+            Bound::Unix(l, _) => l.accept().map(|(s, _)| Stream::Unix(s)),
         };
         match r {
             Ok(conn) => {

@@ -13,15 +13,16 @@ pub mod session;
 pub mod validate;
 mod zerocopy;
 
-pub use conn::Conn;
-use conn::{Deadline, SendLimit};
+use conn::Deadline;
+pub use conn::SendLimit;
 pub use intake::{Admit, Intake, SenderTrack, SessionEnd};
 pub use listener::{Bound, Listener};
 pub use session::End;
 
 use crate::acl::{Acl, AclEntry};
 use crate::export::Export;
-use handshake::{negotiate, ExportInfo, HandshakeError};
+use crate::stream::Stream;
+use handshake::{negotiate, ExportInfo, HandshakeError, Negotiated};
 use session::Session;
 use std::collections::HashMap;
 use std::net::{IpAddr, Shutdown};
@@ -72,17 +73,55 @@ struct Refusals {
     logged: Option<Instant>,
 }
 
-struct Client {
+struct Connected {
     peer: Option<IpAddr>,
-    conn: Conn,
+    conn: Stream,
+}
+
+/// What a server's connections are served from, after the handshake: the
+/// local image ([`Export`], through [`Session`]) or, for the proxy, an
+/// upstream server. The server does the rest (listeners, ACL, client limit,
+/// handshake) the same way for both.
+pub trait Backend: Send + Sync {
+    /// The export as the handshake presents it.
+    fn info(&self, oldstyle: bool) -> ExportInfo;
+    /// Serves one connection in the transmission phase until it ends.
+    fn serve(self: Arc<Self>, conn: Stream, neg: Negotiated, client: Client<'_>) -> End;
+}
+
+/// What a backend is told about the connection it serves.
+pub struct Client<'a> {
+    /// The name in log lines (`client-N`).
+    pub name: &'a str,
+    /// An incoming migration's sender, tracked by the destination.
+    pub sender: Option<Arc<SenderTrack>>,
+    /// How long sending one reply may take.
+    pub send: SendLimit,
+}
+
+impl Backend for Export {
+    fn info(&self, oldstyle: bool) -> ExportInfo {
+        ExportInfo::local(self.size(), self.read_only(), oldstyle, self.min_block())
+    }
+
+    fn serve(self: Arc<Self>, conn: Stream, neg: Negotiated, client: Client<'_>) -> End {
+        let name = client.name.to_owned();
+        match Session::new(self, conn, neg, name.clone(), client.sender, client.send) {
+            Ok(s) => s.run(),
+            Err(e) => {
+                warn!("{name}: {e}");
+                End::Error(e.to_string())
+            }
+        }
+    }
 }
 
 /// Shared state of all listeners and sessions.
 pub struct Server {
-    export: Arc<Export>,
+    backend: Arc<dyn Backend>,
     config: Config,
     acl: RwLock<Acl>,
-    clients: Mutex<HashMap<u64, Client>>,
+    clients: Mutex<HashMap<u64, Connected>>,
     clients_changed: Condvar,
     next_id: AtomicU64,
     shutting_down: AtomicBool,
@@ -93,9 +132,15 @@ pub struct Server {
 }
 
 impl Server {
+    /// A server of the local image.
     pub fn new(export: Arc<Export>, config: Config, acl: Acl) -> Arc<Server> {
+        Server::with_backend(export, config, acl)
+    }
+
+    /// A server of any backend (the proxy's is an upstream server).
+    pub fn with_backend(backend: Arc<dyn Backend>, config: Config, acl: Acl) -> Arc<Server> {
         Arc::new(Server {
-            export,
+            backend,
             config,
             acl: RwLock::new(acl),
             clients: Mutex::new(HashMap::new()),
@@ -117,10 +162,6 @@ impl Server {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
-    }
-
-    pub fn export(&self) -> &Arc<Export> {
-        &self.export
     }
 
     pub fn acl(&self) -> Acl {
@@ -191,7 +232,7 @@ impl Server {
     fn wait_clients(
         &self,
         timeout: Duration,
-        done: impl Fn(&HashMap<u64, Client>) -> bool,
+        done: impl Fn(&HashMap<u64, Connected>) -> bool,
     ) -> bool {
         let clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
         let deadline = Some(Instant::now() + timeout);
@@ -199,7 +240,7 @@ impl Server {
     }
 
     /// Takes a new connection: refused peers are closed with nothing sent.
-    pub fn accept(self: &Arc<Self>, conn: Conn) {
+    pub fn accept(self: &Arc<Self>, conn: Stream) {
         let peer = conn.peer_ip();
         if let Some(ip) = peer {
             if !self.allows(ip) {
@@ -216,7 +257,7 @@ impl Server {
             self.refuse_over_limit(&conn);
             return;
         }
-        if let Conn::Tcp(s) = &conn {
+        if let Stream::Tcp(s) = &conn {
             crate::net::tune_client_tcp(s);
         }
         let id = self.next_id.fetch_add(1, SeqCst);
@@ -254,7 +295,7 @@ impl Server {
         self.clients
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(id, Client { peer, conn: clone });
+            .insert(id, Connected { peer, conn: clone });
         let me = self.clone();
         let i2 = intake.clone();
         let s2 = sender.clone();
@@ -295,7 +336,7 @@ impl Server {
 
     /// Closes a connection over the client limit, logging that at most
     /// once per [`REFUSAL_LOG_INTERVAL`] (with how many were refused).
-    fn refuse_over_limit(&self, conn: &Conn) {
+    fn refuse_over_limit(&self, conn: &Stream) {
         // Named first: a shut-down socket has no peer address any more.
         let peer = conn.peer_name();
         conn.shutdown(Shutdown::Both);
@@ -336,20 +377,15 @@ impl Server {
         self.clients_changed.notify_all();
     }
 
-    fn serve_client(&self, id: u64, conn: Conn, sender: Option<Arc<SenderTrack>>) -> End {
+    fn serve_client(&self, id: u64, conn: Stream, sender: Option<Arc<SenderTrack>>) -> End {
         let name = format!("client-{id}");
         info!("{name}: connected from {}", conn.peer_name());
         if sender.is_some() {
-            if let Conn::Tcp(s) = &conn {
+            if let Stream::Tcp(s) = &conn {
                 crate::net::tune_migration_tcp(s);
             }
         }
-        let info = ExportInfo {
-            size: self.export.size(),
-            read_only: self.export.read_only(),
-            oldstyle: self.config.oldstyle,
-            min_block: self.export.storage().min_block(),
-        };
+        let info = self.backend.info(self.config.oldstyle);
         let deadline = Deadline::new(&conn, Instant::now() + self.config.handshake_timeout);
         let neg = match negotiate(&deadline, &info, &self.shutting_down) {
             Ok(n) => n,
@@ -378,15 +414,12 @@ impl Server {
         if let Some(t) = &sender {
             t.request_arrived();
         }
-        let session =
-            match Session::new(self.export.clone(), conn, neg, name.clone(), sender, limit) {
-                Ok(s) => s,
-                Err(e) => {
-                    warn!("{name}: {e}");
-                    return End::Error(e.to_string());
-                }
-            };
-        let end = session.run();
+        let client = Client {
+            name: &name,
+            sender,
+            send: limit,
+        };
+        let end = self.backend.clone().serve(conn, neg, client);
         match &end {
             // A connection cut at shutdown or hand-over ends with an error by design.
             End::Error(e) if !self.shutting_down.load(SeqCst) => warn!("{name}: ended: {e}"),

@@ -1,6 +1,7 @@
 //! Reply bytes gathered by one worker and sent with a single write.
 
-use super::conn::{Conn, SendLimit};
+use super::conn::SendLimit;
+use crate::stream::Stream;
 use std::io;
 use std::sync::Mutex;
 
@@ -51,7 +52,7 @@ impl Out {
 
     /// Sends everything gathered, under the connection's writer lock,
     /// within the send limit.
-    pub fn send(&mut self, conn: &Conn, writer: &Mutex<()>, limit: SendLimit) -> io::Result<()> {
+    pub fn send(&mut self, conn: &Stream, writer: &Mutex<()>, limit: SendLimit) -> io::Result<()> {
         if self.used == 0 {
             return Ok(());
         }

@@ -1,8 +1,8 @@
 //! Buffered reading of requests and payloads from a client connection.
 
-use super::conn::Conn;
 use crate::proto::consts::REQUEST_LEN;
 use crate::proto::{ProtoError, Request};
+use crate::stream::Stream;
 use std::io::{self, Read};
 use std::time::Instant;
 
@@ -36,7 +36,7 @@ impl ReadError {
 
 /// One `read(2)` from the connection, failing with [`ReadError::Idle`] once
 /// `deadline` has passed.
-fn recv(conn: &Conn, deadline: Option<Instant>, dst: &mut [u8]) -> Result<usize, ReadError> {
+fn recv(conn: &Stream, deadline: Option<Instant>, dst: &mut [u8]) -> Result<usize, ReadError> {
     if let Some(d) = deadline {
         let left = d.saturating_duration_since(Instant::now());
         if left.is_zero() {
@@ -56,7 +56,7 @@ fn recv(conn: &Conn, deadline: Option<Instant>, dst: &mut [u8]) -> Result<usize,
 
 /// Reads requests through a buffer so that one `recv` serves many small requests.
 pub struct Reader {
-    conn: Conn,
+    conn: Stream,
     buf: Box<[u8]>,
     start: usize,
     end: usize,
@@ -65,7 +65,7 @@ pub struct Reader {
 }
 
 impl Reader {
-    pub fn new(conn: Conn) -> Reader {
+    pub fn new(conn: Stream) -> Reader {
         Reader {
             conn,
             buf: vec![0u8; BUF_LEN].into_boxed_slice(),

@@ -3,7 +3,7 @@
 //! concurrently and send each batch's replies with one write (writer lock), so
 //! replies go out of order as the protocol allows.
 
-use super::conn::{Conn, SendLimit};
+use super::conn::SendLimit;
 use super::handshake::Negotiated;
 use super::intake::SenderTrack;
 use super::out::{Out, OUT_CAP};
@@ -11,6 +11,7 @@ use super::reader::{ReadError, Reader};
 use super::validate::{validate, Op, Refusal};
 use crate::export::Export;
 use crate::proto::Request;
+use crate::stream::Stream;
 use std::io;
 use std::net::Shutdown;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
@@ -58,7 +59,7 @@ pub(super) struct Worker {
 
 pub struct Session {
     pub(super) export: Arc<Export>,
-    pub(super) conn: Conn,
+    pub(super) conn: Stream,
     pub(super) neg: Negotiated,
     pub(super) writer: Mutex<()>,
     reader: Mutex<Reader>,
@@ -84,7 +85,7 @@ pub struct Session {
 impl Session {
     pub fn new(
         export: Arc<Export>,
-        conn: Conn,
+        conn: Stream,
         neg: Negotiated,
         name: String,
         sender: Option<Arc<SenderTrack>>,

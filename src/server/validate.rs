@@ -64,6 +64,16 @@ pub fn validate(
     if let Command::Unknown(_) = req.command {
         return Err(refuse(Inval, "unknown command"));
     }
+    // Flags the export did not advertise are not allowed either.
+    for (cmd_flag, export_flag) in [
+        (CMD_FLAG_FUA, FLAG_SEND_FUA),
+        (CMD_FLAG_FAST_ZERO, FLAG_SEND_FAST_ZERO),
+        (CMD_FLAG_DF, FLAG_SEND_DF),
+    ] {
+        if neg.flags & export_flag == 0 {
+            allowed &= !cmd_flag;
+        }
+    }
     if req.flags & !allowed != 0 {
         return Err(refuse(Inval, "unsupported flags for this command"));
     }
@@ -76,6 +86,16 @@ pub fn validate(
     );
     if writes && read_only {
         return Err(refuse(Perm, "the export is read-only"));
+    }
+    let advertised = match req.command {
+        Command::Flush => FLAG_SEND_FLUSH,
+        Command::Trim => FLAG_SEND_TRIM,
+        Command::WriteZeroes => FLAG_SEND_WRITE_ZEROES,
+        Command::Cache => FLAG_SEND_CACHE,
+        _ => 0,
+    };
+    if neg.flags & advertised != advertised {
+        return Err(refuse(Inval, "command not advertised for this export"));
     }
     Ok(match req.command {
         Command::Read => {
@@ -150,10 +170,11 @@ mod tests {
     const SIZE: u64 = 1 << 20;
 
     fn neg(structured: bool) -> Negotiated {
+        let info = super::super::handshake::ExportInfo::local(1 << 20, false, false, 1);
         Negotiated {
             structured,
             base_allocation: structured,
-            flags: 0,
+            flags: super::super::handshake::transmission_flags(&info, structured),
         }
     }
 

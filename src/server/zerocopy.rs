@@ -36,7 +36,9 @@ impl Session {
     /// the image after some bytes were sent (the rest is padded with zeroes).
     /// Each reply-buffer's worth must go out within the send limit.
     pub(super) fn splice(&self, off: u64, len: usize) -> io::Result<Result<(), export::Error>> {
-        let file = self.export.storage().fd();
+        let Some(file) = self.export.sendfile_source() else {
+            return self.copy_out(off, len);
+        };
         let sock = self.conn.as_fd();
         let mut sent = 0usize;
         let mut failed = None;
@@ -75,6 +77,26 @@ impl Session {
             Some(Err(e)) => Err(export::Error::Io(e)),
             _ => Ok(()),
         })
+    }
+
+    /// [`splice`](Self::splice) for a backend without a descriptor to send
+    /// from: the data is read into a buffer and sent, piece by piece.
+    fn copy_out(&self, off: u64, len: usize) -> io::Result<Result<(), export::Error>> {
+        let mut buf = vec![0u8; len.min(ZEROES.len())];
+        let mut sent = 0usize;
+        let mut failed = None;
+        while sent < len {
+            let n = (len - sent).min(buf.len());
+            if failed.is_none() {
+                if let Err(e) = self.export.read(&mut buf[..n], off + sent as u64) {
+                    buf.fill(0);
+                    failed = Some(e);
+                }
+            }
+            self.send_all(&buf[..n])?;
+            sent += n;
+        }
+        Ok(failed.map_or(Ok(()), Err))
     }
 
     /// A whole read reply (one data chunk, or a simple reply) sent with `sendfile`.
