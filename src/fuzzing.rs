@@ -239,6 +239,7 @@ impl Handler for FakeDaemon {
             num_clients: 2,
             has_control: true,
             pause: None,
+            proxy: None,
             migration: Some(MigrationStatus {
                 speed: 1000,
                 duration: 3,

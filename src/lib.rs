@@ -56,6 +56,7 @@ pub mod gate;
 pub mod incoming;
 pub mod mirror;
 pub mod net;
+pub mod proxy;
 pub mod server;
 pub mod storage;
 pub mod stream;

@@ -32,6 +32,7 @@ impl Handler for Fake {
             num_clients: 2,
             has_control: true,
             pause: None,
+            proxy: None,
             migration: self.migrating.then_some(MigrationStatus {
                 speed: 1000,
                 duration: 5,

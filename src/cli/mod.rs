@@ -8,6 +8,8 @@ pub mod listen;
 pub mod mirror;
 pub mod mirror_speed;
 pub mod pause;
+pub mod program;
+pub mod proxy;
 pub mod read;
 pub mod serve;
 pub mod status;
@@ -50,6 +52,8 @@ pub enum Command {
     Resume(pause::ResumeArgs),
     /// Pause, run a command (a copy of the image), then resume whatever happens.
     Snapshot(pause::SnapshotArgs),
+    /// Proxy NBD clients to a server, riding out its restarts and migrations.
+    Proxy(proxy::Args),
     /// Read bytes from an NBD server to stdout in a single request.
     Read(read::Args),
     /// Write bytes from stdin to an NBD server in a single request.
@@ -92,6 +96,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Pause(a) => pause::run_pause(a),
         Command::Resume(a) => pause::run_resume(a),
         Command::Snapshot(a) => pause::run_snapshot(a),
+        Command::Proxy(a) => proxy::run(a),
         Command::Read(a) => read::run(a),
         Command::Write(a) => write::run(a),
     }

@@ -25,7 +25,7 @@ mod tests_pipeline;
 mod tests_transfer;
 
 pub use connection::Connection;
-pub use pipeline::{Completion, Receiver, Sender};
+pub use pipeline::{Body, Completion, Receiver, Sender};
 pub use transport::{Cancel, ShutdownHandle};
 
 use crate::proto::consts::*;

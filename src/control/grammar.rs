@@ -282,6 +282,16 @@ pub fn status_pairs(s: &Status) -> Vec<(&'static str, String)> {
         v.push(("pause_holds", p.holds.to_string()));
         v.push(("queued_requests", p.queued_requests.to_string()));
     }
+    if let Some(p) = &s.proxy {
+        v.push(("upstream_address", escape_value(&p.upstream_address)));
+        v.push(("upstream", p.upstream.to_string()));
+        v.push(("upstream_attempts", p.attempts.to_string()));
+        v.push(("requests_resent", p.requests_resent.to_string()));
+        v.push(("in_flight", p.in_flight.to_string()));
+        if let Some(e) = &p.last_error {
+            v.push(("upstream_last_error", escape_value(e)));
+        }
+    }
     if let Some(m) = &s.migration {
         v.push(("migration_speed", m.speed.to_string()));
         v.push(("migration_duration", m.duration.to_string()));
@@ -347,7 +357,11 @@ pub fn unescape_value(text: &str) -> String {
 }
 
 /// Status keys whose values are escaped free text.
-const ESCAPED_KEYS: [&str; 1] = ["migration_last_error"];
+const ESCAPED_KEYS: [&str; 3] = [
+    "migration_last_error",
+    "upstream_address",
+    "upstream_last_error",
+];
 
 /// The `status` reply text: `key=value` pairs separated by single spaces.
 pub fn format_status(s: &Status) -> String {
@@ -450,6 +464,7 @@ mod tests {
                 has_control: true,
                 migration: self.1.clone(),
                 pause: None,
+                proxy: None,
             }
         }
         fn set_acl(&self, entries: Vec<AclEntry>) {

@@ -71,6 +71,25 @@ pub struct Status {
     pub migration: Option<MigrationStatus>,
     /// Present only while the image is paused.
     pub pause: Option<PauseStatus>,
+    /// Present only for a proxy.
+    pub proxy: Option<ProxyStatus>,
+}
+
+/// The proxy keys of `status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyStatus {
+    /// The upstream server's address.
+    pub upstream_address: String,
+    /// `connected`, `reconnecting` or `failed`.
+    pub upstream: &'static str,
+    /// Connection attempts made to the upstream (start-up and reconnects).
+    pub attempts: u64,
+    /// Requests sent again after a reconnect.
+    pub requests_resent: u64,
+    /// Client requests sent upstream and not yet answered.
+    pub in_flight: u64,
+    /// Why the upstream last failed, if it did.
+    pub last_error: Option<String>,
 }
 
 /// The pause keys of `status`.

@@ -73,7 +73,7 @@ enum Event {
 
 /// A duration in seconds (fractions allowed) from the environment variable
 /// `name`, or `default` when it is not set.
-fn env_secs(name: &str, default: Duration) -> anyhow::Result<Duration> {
+pub fn env_secs(name: &str, default: Duration) -> anyhow::Result<Duration> {
     match std::env::var(name) {
         Err(_) => Ok(default),
         Ok(v) => match v.trim().parse::<f64>() {
@@ -106,30 +106,9 @@ fn stall_budget() -> anyhow::Result<Duration> {
     }
 }
 
-/// Descriptors kept for the control socket, a migration, the image and
-/// the listeners, whatever the clients take.
-const RESERVED_FDS: u64 = 64;
 /// Descriptors a client connection holds (its socket, the reader's and the
 /// server's handles on it).
 const FDS_PER_CLIENT: u64 = 3;
-
-/// Raises the soft descriptor limit to the hard one and fits `wanted`
-/// clients into it, leaving room for everything else.
-fn client_limit(wanted: usize) -> usize {
-    let fds = match crate::sys::raise_nofile_limit() {
-        Ok(n) => n,
-        Err(e) => {
-            warn!("cannot read the descriptor limit: {e}");
-            return wanted;
-        }
-    };
-    let fit = (fds.saturating_sub(RESERVED_FDS) / FDS_PER_CLIENT).max(1);
-    if (wanted as u64) > fit {
-        warn!("only {fit} clients fit in the limit of {fds} open files; serving at most {fit}");
-        return fit as usize;
-    }
-    wanted
-}
 
 /// The TCP addresses of `listeners`.
 fn tcp_addresses(listeners: &[Listener]) -> Vec<std::net::SocketAddr> {
@@ -191,7 +170,7 @@ pub fn run(opts: &Config) -> anyhow::Result<i32> {
     let export = Export::open(&opts.file, opts.read_only)
         .with_context(|| format!("cannot open {}", opts.file.display()))?;
     let export = Arc::new(export);
-    let max_clients = client_limit(opts.max_clients);
+    let max_clients = crate::server::fit_clients(opts.max_clients, FDS_PER_CLIENT);
     let server = Server::new(
         export.clone(),
         srv::Config {

@@ -205,6 +205,7 @@ impl Handler for Control {
                 holds: p.holds,
                 queued_requests: d.export.gate().waiting(),
             }),
+            proxy: None,
         }
     }
 

@@ -8,7 +8,7 @@ pub mod handshake;
 pub mod intake;
 pub mod listener;
 mod out;
-mod reader;
+pub(crate) mod reader;
 pub mod session;
 pub mod validate;
 mod zerocopy;
@@ -40,6 +40,28 @@ pub const MAX_CLIENTS: usize = 512;
 const REPLACE_WAIT: Duration = Duration::from_secs(30);
 /// At most one "too many clients" log line per this interval.
 const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Descriptors kept for the control socket, a migration, the image and
+/// the listeners, whatever the clients take.
+const RESERVED_FDS: u64 = 64;
+/// Raises the soft descriptor limit to the hard one and fits `wanted`
+/// clients of `per_client` descriptors each into it, leaving room for
+/// everything else.
+pub fn fit_clients(wanted: usize, per_client: u64) -> usize {
+    let fds = match crate::sys::raise_nofile_limit() {
+        Ok(n) => n,
+        Err(e) => {
+            warn!("cannot read the descriptor limit: {e}");
+            return wanted;
+        }
+    };
+    let fit = (fds.saturating_sub(RESERVED_FDS) / per_client).max(1);
+    if (wanted as u64) > fit {
+        warn!("only {fit} clients fit in the limit of {fds} open files; serving at most {fit}");
+        return fit as usize;
+    }
+    wanted
+}
 
 /// Server-wide settings.
 #[derive(Debug, Clone, Copy)]

@@ -1,0 +1,595 @@
+//! One upstream connection, serving one client connection: the requests
+//! sent and not yet answered (kept with their data until answered), the
+//! thread that receives the answers, and reconnecting and replaying when the
+//! upstream fails.
+//!
+//! A request is sent under the sender lock, which a replay also holds, so a
+//! request is on exactly one upstream connection at a time: either it was
+//! sent before the failure (and the replay sends it again, in the order it
+//! was first sent), or it is sent on the new connection after the replay.
+
+use super::upstream::Upstream;
+use crate::client::{Body, Cancel, ClientError, Completion, Connection, Receiver, Sender};
+use crate::proto::consts::*;
+use crate::proto::{Command, NbdErrno, Request};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Requests in flight per client connection; more wait for answers.
+const MAX_REQUESTS: usize = 512;
+/// Bytes of READ and WRITE data in flight per client connection (one request
+/// of any allowed size is always let through).
+const MAX_BYTES: usize = 64 << 20;
+
+/// Where a link's upstream connection stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Connected; requests go out as they come.
+    Up,
+    /// Connecting or waiting to retry; requests queue.
+    Reconnecting,
+    /// A round of retries ended without a usable upstream; the next request
+    /// starts another.
+    Failed,
+}
+
+/// What an answer is for.
+#[derive(Debug)]
+pub enum Tag {
+    /// A client's request (`cookie` is the client's). `readahead`: the
+    /// client asked for this many bytes, and the rest is kept for later
+    /// reads while no write is sent after the generation given.
+    Client {
+        cookie: u64,
+        readahead: Option<(u32, u64)>,
+    },
+    /// A flush sent on behalf of another client connection (multi-conn).
+    Barrier(Arc<Barrier>),
+}
+
+/// A request sent (or to be sent) upstream, with what it needs to be sent again.
+#[derive(Debug)]
+pub struct Pending {
+    /// As sent upstream: the cookie is the link's own sequence number.
+    pub req: Request,
+    pub payload: Arc<Vec<u8>>,
+    pub tag: Tag,
+    /// It went out on some upstream connection (so sending it again counts
+    /// as a re-send).
+    sent: bool,
+}
+
+/// The outcome of a request.
+#[derive(Debug)]
+pub enum Outcome {
+    Done(Body),
+    Failed {
+        errno: NbdErrno,
+        message: Option<String>,
+    },
+}
+
+impl Outcome {
+    pub fn error(errno: NbdErrno, message: impl Into<String>) -> Outcome {
+        Outcome::Failed {
+            errno,
+            message: Some(message.into()),
+        }
+    }
+}
+
+/// Where answers to a client's requests go.
+pub trait Answer: Send + Sync {
+    fn answer(&self, p: Pending, outcome: Outcome);
+}
+
+/// Waits for flushes on several links (the multi-conn emulation).
+#[derive(Debug, Default)]
+pub struct Barrier {
+    left: Mutex<(usize, bool)>,
+    done: Condvar,
+}
+
+impl Barrier {
+    pub fn new(n: usize) -> Arc<Barrier> {
+        Arc::new(Barrier {
+            left: Mutex::new((n, true)),
+            done: Condvar::new(),
+        })
+    }
+
+    fn arrive(&self, ok: bool) {
+        let mut g = self.left.lock().unwrap_or_else(|p| p.into_inner());
+        g.0 = g.0.saturating_sub(1);
+        g.1 &= ok;
+        self.done.notify_all();
+    }
+
+    /// Waits for every flush; true if all succeeded.
+    pub fn wait(&self) -> bool {
+        let g = self.left.lock().unwrap_or_else(|p| p.into_inner());
+        let (g, _) = crate::wait::until(&self.done, g, None, |s| s.0 == 0);
+        g.1
+    }
+}
+
+struct State {
+    pending: BTreeMap<u64, Pending>,
+    next: u64,
+    bytes: usize,
+    phase: Phase,
+    /// Writes answered since the last flush sent on this link.
+    dirty: bool,
+    closing: bool,
+    /// A request arrived while failed: start another round.
+    kick: bool,
+}
+
+/// One upstream connection for one client connection.
+pub struct Link {
+    pub id: u64,
+    name: String,
+    up: Arc<Upstream>,
+    client: Arc<dyn Answer>,
+    state: Mutex<State>,
+    changed: Condvar,
+    sender: Mutex<Option<Sender>>,
+    /// Cuts the current connection or connect attempt.
+    cancel: Mutex<Option<Arc<Cancel>>>,
+    cut: Mutex<Option<crate::client::ShutdownHandle>>,
+    ever_up: AtomicBool,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+fn cost(req: &Request) -> usize {
+    match req.command {
+        Command::Read | Command::Write => req.length as usize,
+        _ => 0,
+    }
+}
+
+fn modifies(cmd: Command) -> bool {
+    matches!(cmd, Command::Write | Command::Trim | Command::WriteZeroes)
+}
+
+impl Link {
+    /// Starts a link and its receiving thread, which connects at once.
+    pub fn start(
+        up: Arc<Upstream>,
+        client: Arc<dyn Answer>,
+        name: String,
+    ) -> std::io::Result<Arc<Link>> {
+        let link = Arc::new(Link {
+            id: up.next_link_id(),
+            name,
+            up: up.clone(),
+            client,
+            state: Mutex::new(State {
+                pending: BTreeMap::new(),
+                next: 1,
+                bytes: 0,
+                phase: Phase::Reconnecting,
+                dirty: false,
+                closing: false,
+                kick: false,
+            }),
+            changed: Condvar::new(),
+            sender: Mutex::new(None),
+            cancel: Mutex::new(None),
+            cut: Mutex::new(None),
+            ever_up: AtomicBool::new(false),
+            thread: Mutex::new(None),
+        });
+        up.register(&link);
+        let me = link.clone();
+        let h = std::thread::Builder::new()
+            .name(format!("{}-upstream", link.name))
+            .spawn(move || me.run())?;
+        *link.thread.lock().unwrap_or_else(|p| p.into_inner()) = Some(h);
+        Ok(link)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn phase(&self) -> Phase {
+        self.lock().phase
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.lock().pending.len()
+    }
+
+    /// Whether writes were answered since the last flush, clearing it (a
+    /// flush is about to be sent).
+    pub fn take_dirty(&self) -> bool {
+        std::mem::take(&mut self.lock().dirty)
+    }
+
+    /// Sends `req` (the client's, or an internal flush) upstream, or queues it
+    /// while the upstream is down. Waits while the link has too much in flight.
+    pub fn submit(&self, mut req: Request, payload: Vec<u8>, tag: Tag) {
+        let c = cost(&req);
+        {
+            let g = self.lock();
+            let (g, _) = crate::wait::until(&self.changed, g, None, |s| {
+                s.closing
+                    || s.pending.is_empty()
+                    || (s.pending.len() < MAX_REQUESTS && s.bytes + c <= MAX_BYTES)
+            });
+            if g.closing {
+                drop(g);
+                let p = Pending {
+                    req,
+                    payload: Arc::new(payload),
+                    tag,
+                    sent: false,
+                };
+                self.answer(p, closing());
+                return;
+            }
+        }
+        // The DF flag is honoured here (answers are sent as one chunk).
+        req.flags &= !CMD_FLAG_DF;
+        let payload = Arc::new(payload);
+        let mut sender = self.sender.lock().unwrap_or_else(|p| p.into_inner());
+        {
+            let mut st = self.lock();
+            req.cookie = st.next;
+            st.next += 1;
+            st.bytes += c;
+            st.pending.insert(
+                req.cookie,
+                Pending {
+                    req,
+                    payload: payload.clone(),
+                    tag,
+                    sent: sender.is_some(),
+                },
+            );
+            if st.phase == Phase::Failed {
+                st.kick = true;
+                self.changed.notify_all();
+            }
+        }
+        let Some(s) = sender.as_mut() else {
+            return; // sent by the replay once connected
+        };
+        if let Err(e) = s.forward(req, &payload) {
+            if e.connection_usable() {
+                drop(sender);
+                if let Some(p) = self.take(req.cookie) {
+                    self.answer(p, Outcome::error(NbdErrno::Inval, e.to_string()));
+                }
+                return;
+            }
+            // The receiver sees the connection fail and replays this request.
+            *sender = None;
+            drop(sender);
+            self.cut_connection();
+        }
+    }
+
+    /// Ends the link. With `drain`, first waits until every request was
+    /// answered (or failed), as after a client's NBD_CMD_DISC.
+    pub fn close(&self, drain: bool) {
+        if drain {
+            let g = self.lock();
+            let _ = crate::wait::until(&self.changed, g, None, |s| {
+                s.pending.is_empty() || s.phase == Phase::Failed
+            });
+        }
+        {
+            let mut st = self.lock();
+            st.closing = true;
+            self.changed.notify_all();
+        }
+        let idle = self.lock().pending.is_empty();
+        {
+            let mut s = self.sender.lock().unwrap_or_else(|p| p.into_inner());
+            if let (true, Some(s)) = (idle, s.as_mut()) {
+                let _ = s.disconnect();
+            }
+            *s = None;
+        }
+        if let Some(c) = self.cancel.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            c.cancel();
+        }
+        if !idle {
+            self.cut_connection();
+        }
+        let h = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(h) = h {
+            let _ = h.join();
+        }
+        self.up.unregister(self.id);
+        // Whatever is left can no longer be answered upstream.
+        let left: Vec<Pending> = std::mem::take(&mut self.lock().pending)
+            .into_values()
+            .collect();
+        for p in left {
+            self.answer(p, closing());
+        }
+    }
+
+    fn cut_connection(&self) {
+        if let Some(h) = self.cut.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            h.shutdown();
+        }
+    }
+
+    fn take(&self, cookie: u64) -> Option<Pending> {
+        let mut st = self.lock();
+        let p = st.pending.remove(&cookie)?;
+        st.bytes -= cost(&p.req);
+        self.changed.notify_all();
+        Some(p)
+    }
+
+    fn answer(&self, p: Pending, outcome: Outcome) {
+        match p.tag {
+            Tag::Barrier(ref b) => b.arrive(matches!(outcome, Outcome::Done(_))),
+            Tag::Client { .. } => self.client.answer(p, outcome),
+        }
+    }
+
+    fn set_phase(&self, phase: Phase) {
+        let mut st = self.lock();
+        st.phase = phase;
+        self.changed.notify_all();
+    }
+
+    fn closing(&self) -> bool {
+        self.lock().closing
+    }
+
+    /// The receiving thread: connect, receive answers until the upstream
+    /// fails, reconnect and replay, until closed.
+    fn run(self: Arc<Self>) {
+        loop {
+            let Some(rx) = self.reconnect() else {
+                if self.closing() {
+                    return;
+                }
+                continue;
+            };
+            let why = self.receive(rx);
+            if self.closing() {
+                return;
+            }
+            self.down(&why);
+        }
+    }
+
+    /// Receives answers until the connection fails; returns why.
+    fn receive(&self, mut rx: Receiver) -> String {
+        loop {
+            match rx.recv() {
+                Ok(Some(c)) => self.completed(c),
+                Ok(None) => return "the upstream closed the connection".into(),
+                Err(e) => return e.to_string(),
+            }
+        }
+    }
+
+    fn completed(&self, c: Completion) {
+        let Some(p) = self.take(c.cookie) else {
+            return;
+        };
+        let outcome = match c.result {
+            Ok(()) => {
+                if modifies(p.req.command) {
+                    self.lock().dirty = true;
+                    self.up.wrote();
+                }
+                Outcome::Done(c.body)
+            }
+            Err(ClientError::Nbd { errno, message }) => Outcome::Failed { errno, message },
+            Err(e) => Outcome::error(NbdErrno::Io, e.to_string()),
+        };
+        self.answer(p, outcome);
+    }
+
+    /// The upstream connection failed: stop sending on it.
+    fn down(&self, why: &str) {
+        *self.sender.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        *self.cut.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        let n = self.in_flight();
+        warn!(
+            "{}: upstream {} failed: {why}; reconnecting ({n} request(s) to send again)",
+            self.name,
+            self.up.endpoint()
+        );
+        self.up.failed(why);
+        self.set_phase(Phase::Reconnecting);
+    }
+
+    /// One round of attempts (the very first connection of a link is tried
+    /// at once, then as retries). Returns the receiver of a connection on
+    /// which everything pending was sent again, or `None` when the round
+    /// failed (the pending requests got EIO) or the link is closing.
+    fn reconnect(&self) -> Option<Receiver> {
+        self.set_phase(Phase::Reconnecting);
+        let retry = self.up.retry();
+        let immediate = !self.ever_up.load(Relaxed);
+        let mut last = String::from("no attempt made");
+        let mut n = 0u32;
+        loop {
+            let wait = match (immediate, n) {
+                (true, 0) => Some(Duration::ZERO),
+                (true, n) => retry.delay_before(n - 1),
+                (false, n) => retry.delay_before(n),
+            };
+            let Some(wait) = wait else {
+                let tries = n;
+                self.give_up(&format!(
+                    "gave up on the upstream {} after {tries} attempt(s): {last}",
+                    self.up.endpoint()
+                ));
+                return None;
+            };
+            n += 1;
+            if !self.sleep(wait) {
+                return None;
+            }
+            let cancel = Cancel::new();
+            *self.cancel.lock().unwrap_or_else(|p| p.into_inner()) = Some(cancel.clone());
+            let r = self.up.connect(Some(cancel));
+            *self.cancel.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            if self.closing() {
+                return None;
+            }
+            match r {
+                Ok(c) if c.size() != self.up.size() => {
+                    let msg = format!(
+                        "the upstream {} came back with size {} instead of {}",
+                        self.up.endpoint(),
+                        c.size(),
+                        self.up.size()
+                    );
+                    let _ = c.disconnect();
+                    self.give_up(&msg);
+                    return None;
+                }
+                Ok(c) => {
+                    if c.flags() != self.up.flags() {
+                        warn!(
+                            "{}: the upstream came back with flags {:#x} instead of {:#x}",
+                            self.name,
+                            c.flags(),
+                            self.up.flags()
+                        );
+                    }
+                    match self.install(c) {
+                        Some(rx) => return Some(rx),
+                        None if self.closing() => return None,
+                        None => last = "sending the requests again failed".into(),
+                    }
+                }
+                Err(e) => {
+                    debug!("{}: upstream attempt {n} failed: {e}", self.name);
+                    last = e.to_string();
+                }
+            }
+        }
+    }
+
+    /// Waits `d` unless the link closes first; false if it did.
+    fn sleep(&self, d: Duration) -> bool {
+        let g = self.lock();
+        let (g, _) = crate::wait::until(&self.changed, g, Some(Instant::now() + d), |s| s.closing);
+        !g.closing
+    }
+
+    /// The round failed: everything pending gets EIO; then wait for a new
+    /// request (which starts another round) or the end of the link.
+    fn give_up(&self, msg: &str) {
+        error!(
+            "{}: {msg}; failing the requests in flight with EIO",
+            self.name
+        );
+        self.up.failed(msg);
+        let failed: Vec<Pending> = {
+            let mut st = self.lock();
+            st.phase = Phase::Failed;
+            st.kick = false;
+            st.bytes = 0;
+            self.changed.notify_all();
+            std::mem::take(&mut st.pending).into_values().collect()
+        };
+        for p in failed {
+            self.answer(p, Outcome::error(NbdErrno::Io, msg));
+        }
+        let g = self.lock();
+        let (mut g, _) = crate::wait::until(&self.changed, g, None, |s| s.closing || s.kick);
+        g.kick = false;
+    }
+
+    /// Takes a new connection into use: sends everything pending again, in
+    /// the order it was first sent, then lets new requests through.
+    fn install(&self, c: Connection) -> Option<Receiver> {
+        let cut = c.shutdown_handle();
+        let (mut tx, rx) = match c.into_pipeline(self.up.timeout()) {
+            Ok(p) => p,
+            Err(e) => {
+                warn!("{}: {e}", self.name);
+                return None;
+            }
+        };
+        let mut slot = self.sender.lock().unwrap_or_else(|p| p.into_inner());
+        *self.cut.lock().unwrap_or_else(|p| p.into_inner()) = Some(cut.clone());
+        if self.closing() {
+            cut.shutdown();
+            return None;
+        }
+        let readonly = self.up.read_only_fallback();
+        let (again, refused, resent): (Vec<(Request, Arc<Vec<u8>>)>, Vec<Pending>, usize) = {
+            let mut st = self.lock();
+            let refused = match readonly {
+                true => {
+                    let keys: Vec<u64> = st
+                        .pending
+                        .iter()
+                        .filter(|(_, p)| modifies(p.req.command))
+                        .map(|(k, _)| *k)
+                        .collect();
+                    let mut v = Vec::new();
+                    for k in keys {
+                        if let Some(p) = st.pending.remove(&k) {
+                            st.bytes -= cost(&p.req);
+                            v.push(p);
+                        }
+                    }
+                    v
+                }
+                false => Vec::new(),
+            };
+            let resent = st.pending.values().filter(|p| p.sent).count();
+            let again = st
+                .pending
+                .values_mut()
+                .map(|p| {
+                    p.sent = true;
+                    (p.req, p.payload.clone())
+                })
+                .collect();
+            (again, refused, resent)
+        };
+        for p in refused {
+            self.answer(
+                p,
+                Outcome::error(NbdErrno::Perm, "the upstream failed: read-only from now on"),
+            );
+        }
+        let ever = self.ever_up.swap(true, Relaxed);
+        for (req, payload) in &again {
+            if let Err(e) = tx.forward(*req, payload) {
+                warn!("{}: sending a request again failed: {e}", self.name);
+                cut.shutdown();
+                return None;
+            }
+        }
+        if resent > 0 {
+            self.up.resent(resent as u64);
+            info!(
+                "{}: upstream {} is back; sent {resent} request(s) again",
+                self.name,
+                self.up.endpoint(),
+            );
+        } else if ever {
+            info!("{}: upstream {} is back", self.name, self.up.endpoint());
+        }
+        *slot = Some(tx);
+        drop(slot);
+        self.set_phase(Phase::Up);
+        Some(rx)
+    }
+}
+
+fn closing() -> Outcome {
+    Outcome::error(NbdErrno::Shutdown, "the proxy is closing this connection")
+}

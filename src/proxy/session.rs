@@ -1,0 +1,294 @@
+//! One client connection of the proxy: requests are read and checked as the
+//! server does (`server::reader`, `server::validate`), refused ones answered
+//! here, the rest sent upstream through the connection's [`Link`]; answers
+//! come back on the link's thread and are written to the client (in any
+//! order, as the protocol allows), encoded for what the client negotiated.
+
+use super::link::{Answer, Link, Outcome, Pending, Tag};
+use super::upstream::{Upstream, MAX_REQUEST};
+use crate::client::Body;
+use crate::proto::reply::{block_status_chunk, error_chunk, none_chunk, offset_data_header};
+use crate::proto::{Command, NbdErrno, Request, SimpleReply};
+use crate::server::handshake::{Negotiated, BASE_ALLOCATION_ID};
+use crate::server::reader::{ReadError, Reader};
+use crate::server::validate::{validate, Op};
+use crate::server::{Client, End, SendLimit};
+use crate::stream::Stream;
+use std::net::Shutdown;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+
+/// Answers up to this size go out in one write with their header.
+const COALESCE: usize = 256 * 1024;
+
+/// Data fetched ahead by `--cache`: valid while no write was sent since.
+struct ReadAhead {
+    generation: u64,
+    offset: u64,
+    data: Vec<u8>,
+}
+
+/// The client side of the connection: where answers are written.
+struct Replier {
+    conn: Stream,
+    writer: Mutex<()>,
+    send: SendLimit,
+    structured: bool,
+    name: String,
+    gone: AtomicBool,
+    up: Arc<Upstream>,
+    cache: Mutex<Option<ReadAhead>>,
+}
+
+impl Replier {
+    fn send(&self, parts: &[&[u8]]) {
+        if self.gone.load(Relaxed) {
+            return;
+        }
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        let _g = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let r = if total <= COALESCE && parts.len() > 1 {
+            self.conn.send_all(&parts.concat(), self.send.deadline())
+        } else {
+            parts
+                .iter()
+                .try_for_each(|p| self.conn.send_all(p, self.send.deadline()))
+        };
+        if let Err(e) = r {
+            if !self.gone.swap(true, Relaxed) {
+                info!("{}: cannot send to the client: {e}", self.name);
+            }
+            self.conn.shutdown(Shutdown::Both);
+        }
+    }
+
+    /// Answers a request with an error, as a structured error chunk where
+    /// the client must get one (READ, BLOCK_STATUS) or the message helps.
+    fn error(&self, req: &Request, errno: NbdErrno, msg: &str) {
+        if self.structured {
+            self.send(&[&error_chunk(req.cookie, errno, msg)]);
+        } else {
+            self.send(&[&SimpleReply::err(req.cookie, errno).encode()]);
+        }
+    }
+
+    fn data(&self, req: &Request, data: &[u8]) {
+        if !self.structured {
+            self.send(&[&SimpleReply::ok(req.cookie).encode(), data]);
+        } else if data.is_empty() {
+            self.send(&[&none_chunk(req.cookie)]);
+        } else {
+            let h = offset_data_header(req.cookie, req.offset, data.len() as u32, true);
+            self.send(&[&h, data]);
+        }
+    }
+
+    /// A read answered from the read-ahead, if it lies inside it.
+    fn cached(&self, req: &Request) -> bool {
+        let g = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(ra) = g.as_ref() else {
+            return false;
+        };
+        let end = req.offset + u64::from(req.length);
+        if ra.generation != self.up.generation()
+            || req.offset < ra.offset
+            || end > ra.offset + ra.data.len() as u64
+        {
+            return false;
+        }
+        let at = (req.offset - ra.offset) as usize;
+        let data = ra.data[at..at + req.length as usize].to_vec();
+        drop(g);
+        self.data(req, &data);
+        true
+    }
+
+    fn forget_cache(&self) {
+        *self.cache.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+}
+
+impl Answer for Replier {
+    fn answer(&self, p: Pending, outcome: Outcome) {
+        let Tag::Client { cookie, readahead } = p.tag else {
+            return;
+        };
+        let mut req = p.req;
+        req.cookie = cookie;
+        match outcome {
+            Outcome::Failed { errno, message } => {
+                let msg = message.unwrap_or_else(|| errno.name().to_owned());
+                self.error(&req, errno, &msg);
+            }
+            Outcome::Done(Body::Data(mut d)) => {
+                if let Some((want, generation)) = readahead {
+                    let rest = d.split_off((want as usize).min(d.len()));
+                    req.length = want;
+                    *self.cache.lock().unwrap_or_else(|p| p.into_inner()) = Some(ReadAhead {
+                        generation,
+                        offset: req.offset + u64::from(want),
+                        data: rest,
+                    });
+                }
+                self.data(&req, &d);
+            }
+            Outcome::Done(Body::Extents(e)) => {
+                self.send(&[&block_status_chunk(
+                    req.cookie,
+                    BASE_ALLOCATION_ID,
+                    &e,
+                    true,
+                )]);
+            }
+            Outcome::Done(Body::Empty) => {
+                if req.command == Command::Read {
+                    self.data(&req, &[]);
+                } else {
+                    self.send(&[&SimpleReply::ok(req.cookie).encode()]);
+                }
+            }
+        }
+    }
+}
+
+/// Serves one client connection until it disconnects or fails.
+pub fn run(up: Arc<Upstream>, conn: Stream, neg: Negotiated, client: Client<'_>) -> End {
+    let name = client.name.to_owned();
+    let (rconn, wconn) = match (conn.try_clone(), conn.try_clone()) {
+        (Ok(r), Ok(w)) => (r, w),
+        (Err(e), _) | (_, Err(e)) => return End::Error(e.to_string()),
+    };
+    let replier = Arc::new(Replier {
+        conn: wconn,
+        writer: Mutex::new(()),
+        send: client.send,
+        structured: neg.structured,
+        name: name.clone(),
+        gone: AtomicBool::new(false),
+        up: up.clone(),
+        cache: Mutex::new(None),
+    });
+    let link = match Link::start(up.clone(), replier.clone(), name.clone()) {
+        Ok(l) => l,
+        Err(e) => {
+            warn!("{name}: {e}");
+            return End::Error(e.to_string());
+        }
+    };
+    let mut rd = Reader::new(rconn);
+    let end = serve(&up, &link, &replier, &mut rd, &neg);
+    link.close(end == End::Disconnect);
+    conn.shutdown(Shutdown::Both);
+    end
+}
+
+fn serve(up: &Upstream, link: &Link, replier: &Replier, rd: &mut Reader, neg: &Negotiated) -> End {
+    let read_only = up.info_read_only();
+    loop {
+        let req = match rd.peek(true) {
+            Ok(Some(r)) => r,
+            Ok(None) => continue,
+            Err(ReadError::Eof) => return End::Closed,
+            Err(e) => {
+                if let (ReadError::Proto(_), Some(cookie)) = (&e, rd.raw_cookie()) {
+                    replier.send(&[&SimpleReply::err(cookie, NbdErrno::Inval).encode()]);
+                }
+                warn!("{}: {e}; closing the connection", replier.name);
+                return End::Error(e.to_string());
+            }
+        };
+        rd.consume_header();
+        let op = validate(&req, neg, up.size(), read_only);
+        let too_big =
+            matches!(req.command, Command::Read | Command::Write) && req.length > MAX_REQUEST;
+        let refusal = match op {
+            Err(r) => Some((r.errno, r.msg)),
+            Ok(_) if too_big => Some((NbdErrno::Inval, "request larger than 32 MiB")),
+            Ok(Op::Write { .. } | Op::Trim { .. } | Op::Zero { .. }) if up.read_only_fallback() => {
+                Some((NbdErrno::Perm, "the upstream failed: read-only from now on"))
+            }
+            Ok(_) => None,
+        };
+        if let Some((errno, msg)) = refusal {
+            if req.payload_len() > 0 {
+                if let Err(e) = rd.skip(req.payload_len()) {
+                    return read_end(e, replier);
+                }
+            }
+            replier.error(&req, errno, msg);
+            continue;
+        }
+        let Ok(op) = op else { continue };
+        let mut payload = Vec::new();
+        match op {
+            Op::Disc => return End::Disconnect,
+            Op::Write { .. } => {
+                payload = vec![0u8; req.length as usize];
+                if let Err(e) = rd.read_exact(&mut payload) {
+                    return read_end(e, replier);
+                }
+            }
+            _ => {}
+        }
+        let mut tag = Tag::Client {
+            cookie: req.cookie,
+            readahead: None,
+        };
+        let mut fwd = req;
+        match op {
+            Op::Read { .. } => {
+                let cache = up.settings().cache;
+                if req.length > 0 && req.length <= cache {
+                    if replier.cached(&req) {
+                        continue;
+                    }
+                    // Fetch twice as much when that fits the export.
+                    let end = (req.offset + 2 * u64::from(req.length)).min(up.size());
+                    fwd.length = (end - req.offset) as u32;
+                    tag = Tag::Client {
+                        cookie: req.cookie,
+                        readahead: Some((req.length, up.generation())),
+                    };
+                }
+            }
+            Op::Flush
+            | Op::Write { fua: true }
+            | Op::Trim { fua: true }
+            | Op::Zero { fua: true, .. } => {
+                replier.forget_cache();
+                if modifies(op) {
+                    up.bump_generation();
+                }
+                if up.emulates_multi_conn() && !up.flush_others(link.id) {
+                    replier.error(
+                        &req,
+                        NbdErrno::Io,
+                        "flushing another upstream connection failed",
+                    );
+                    continue;
+                }
+            }
+            _ => {
+                replier.forget_cache();
+                if modifies(op) {
+                    up.bump_generation();
+                }
+            }
+        }
+        link.submit(fwd, payload, tag);
+    }
+}
+
+fn modifies(op: Op) -> bool {
+    matches!(op, Op::Write { .. } | Op::Trim { .. } | Op::Zero { .. })
+}
+
+fn read_end(e: ReadError, replier: &Replier) -> End {
+    match e {
+        ReadError::Eof => End::Closed,
+        e => {
+            warn!("{}: {e}; closing the connection", replier.name);
+            End::Error(e.to_string())
+        }
+    }
+}
