@@ -48,11 +48,13 @@ pub struct Args {
     #[arg(long, value_name = "SECONDS", default_value = "2", value_parser = delay_arg)]
     pub retry_delay: Duration,
     /// Double the wait before each further attempt.
-    #[arg(long, value_name = "yes|no", default_value = "yes", value_parser = yes_no)]
+    #[arg(long, value_name = "yes|no", default_value = "yes", value_parser = yes_no,
+          action = clap::ArgAction::Set)]
     pub retry_exponential: bool,
     /// After the first failure, refuse writes, trims and zeroes (EPERM) and
     /// go on serving reads.
-    #[arg(long, value_name = "yes|no", default_value = "no", value_parser = yes_no)]
+    #[arg(long, value_name = "yes|no", default_value = "no", value_parser = yes_no,
+          action = clap::ArgAction::Set)]
     pub retry_readonly: bool,
     /// Reads of at most BYTES fetch twice as much; a later read inside the
     /// second half is answered from memory (until anything else is sent).

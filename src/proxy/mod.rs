@@ -66,7 +66,7 @@ pub struct Config {
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
-    #[error("{0}")]
+    #[error(transparent)]
     Acl(#[from] BadSpec),
     #[error("cannot reach the upstream server {endpoint}: {cause}")]
     Upstream {

@@ -7,6 +7,7 @@
 
 #![allow(dead_code)]
 
+pub mod fakeupstream;
 pub mod migration;
 pub mod proxy;
 #[allow(unused_imports)]
@@ -542,6 +543,10 @@ pub struct Serve {
     pub sock: Option<PathBuf>,
     /// Extra arguments (flags, ACL entries) appended after the others.
     pub extra: Vec<String>,
+    /// Run `flexnbd proxy` with these upstream arguments instead of serving `file`.
+    pub proxy: Option<Vec<String>>,
+    /// Environment variables set for the process.
+    pub env: Vec<(String, String)>,
 }
 
 impl Serve {
@@ -550,6 +555,16 @@ impl Serve {
         Serve {
             file: file.to_owned(),
             addr: Some("127.0.0.1".into()),
+            ..Serve::default()
+        }
+    }
+
+    /// `flexnbd proxy` on 127.0.0.1 and a free port, to the upstream that
+    /// `upstream` names (`--conn-addr A --conn-port P` or `--conn-unix S`).
+    pub fn proxy(upstream: &[String]) -> Serve {
+        Serve {
+            addr: Some("127.0.0.1".into()),
+            proxy: Some(upstream.to_vec()),
             ..Serve::default()
         }
     }
@@ -583,6 +598,11 @@ impl Serve {
         self
     }
 
+    pub fn env(mut self, k: &str, v: &str) -> Serve {
+        self.env.push((k.to_owned(), v.to_owned()));
+        self
+    }
+
     pub fn start(self) -> Server {
         Server::start(self)
     }
@@ -613,13 +633,16 @@ impl Server {
                 Err(e) => last_err = e,
             }
         }
-        panic!("flexnbd serve did not start: {last_err}");
+        panic!("flexnbd did not start: {last_err}");
     }
 
     fn try_start(cfg: &Serve) -> Result<Server, String> {
         let logdir = tempdir();
         let log = logdir.path().join("server.stderr");
-        let mut args: Vec<String> = vec!["serve".into()];
+        let mut args: Vec<String> = vec![match cfg.proxy {
+            Some(_) => "proxy".into(),
+            None => "serve".into(),
+        }];
         let mut port = None;
         let mut ip = None;
         if let Some(a) = &cfg.addr {
@@ -633,7 +656,10 @@ impl Server {
             );
             args.extend(["--addr".into(), a.clone(), "--port".into(), p.to_string()]);
         }
-        args.extend(["--file".into(), cfg.file.display().to_string()]);
+        match &cfg.proxy {
+            Some(up) => args.extend(up.iter().cloned()),
+            None => args.extend(["--file".into(), cfg.file.display().to_string()]),
+        }
         if let Some(u) = &cfg.unix {
             args.extend(["--unix".into(), u.display().to_string()]);
         }
@@ -643,6 +669,7 @@ impl Server {
         args.extend(cfg.extra.iter().cloned());
         let child = Command::new(bin())
             .args(&args)
+            .envs(cfg.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(File::create(&log).map_err(|e| e.to_string())?)
@@ -1262,6 +1289,16 @@ impl Daemon {
         }
     }
 
+    /// `flexnbd proxy --addr 127.0.0.1 --port FREE --sock SOCK -v` to `upstream`.
+    pub fn proxy(sock: &Path, upstream: &Server) -> Daemon {
+        let mut d = Daemon {
+            mode: "proxy",
+            ..Daemon::serve(Path::new(""), sock)
+        };
+        d.extra.extend(upstream.conn_args());
+        d
+    }
+
     /// `flexnbd listen --addr 127.0.0.1 --port FREE --file FILE --sock SOCK -v`.
     pub fn listen(file: &Path, sock: &Path) -> Daemon {
         Daemon {
@@ -1322,11 +1359,12 @@ impl Daemon {
             self.ip.to_string(),
             "--port".into(),
             port.to_string(),
-            "--file".into(),
-            self.file.display().to_string(),
             "--sock".into(),
             self.sock.display().to_string(),
         ];
+        if self.mode != "proxy" {
+            args.extend(["--file".into(), self.file.display().to_string()]);
+        }
         args.extend(self.extra.iter().cloned());
         let mut cmd = Command::new(bin());
         cmd.args(&args)
@@ -1372,6 +1410,27 @@ impl Daemon {
 }
 
 impl Server {
+    /// `--conn-addr IP --conn-port PORT` (or `--conn-unix PATH` for a
+    /// unix-only server): how a proxy reaches this server.
+    pub fn conn_args(&self) -> Vec<String> {
+        match self.tcp_addr() {
+            Some(a) => vec![
+                "--conn-addr".into(),
+                a.ip().to_string(),
+                "--conn-port".into(),
+                a.port().to_string(),
+            ],
+            None => vec![
+                "--conn-unix".into(),
+                self.unix
+                    .as_ref()
+                    .expect("server has no listener")
+                    .display()
+                    .to_string(),
+            ],
+        }
+    }
+
     /// The control socket (panics when the server has none).
     pub fn ctl(&self) -> &Path {
         self.sock.as_deref().expect("server has no control socket")

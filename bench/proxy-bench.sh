@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Benchmarks `flexnbd proxy` against direct access to the same server in one
+# run: flexnbd serve alone ("direct"), and flexnbd serve behind flexnbd proxy
+# ("proxy"), same images and clients (nbdcopy, fio), TCP and unix; prints
+# the medians and the proxy's ratio to direct access.
+#
+#   bench/proxy-bench.sh               # 1 GiB image, 3 reps, 10 s fio
+#   QUICK=1 bench/proxy-bench.sh       # smoke run (64 MiB, 1 rep, 3 s fio)
+#
+# Needs the shared harness's nbd-bench (BENCH_HARNESS, default ../shared/bench
+# beside the checkout). Results go to OUT (default bench/results/).
+set -euo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+ROOT=$(cd "$HERE/.." && pwd)
+HARNESS=${BENCH_HARNESS:-$ROOT/../shared/bench}
+[ -x "$HARNESS/nbd-bench" ] || { echo "nbd-bench not found in $HARNESS (set BENCH_HARNESS)" >&2; exit 1; }
+(cd "$ROOT" && cargo build --release --quiet)
+BIN=$ROOT/target/release/flexnbd
+OUT=${OUT:-$HERE/results}
+mkdir -p "$OUT"
+TSV=${TSV:-$OUT/proxy-$(date +%Y%m%d-%H%M%S).tsv}
+WORKLOADS=${WORKLOADS:-seqread-c1,seqwrite,randread4k,randwrite4k}
+if [ -n "${QUICK:-}" ]; then
+    ARGS=(--size 64M --reps 1 --fio-runtime 3)
+else
+    ARGS=(--size "${SIZE:-1G}" --reps "${REPS:-3}" --fio-runtime "${FIO_RUNTIME:-10}")
+fi
+DIR=$(mktemp -d /dev/shm/proxy-bench.XXXXXX 2>/dev/null || mktemp -d)
+trap 'rm -rf "$DIR"' EXIT
+"$HARNESS/nbd-bench" --prepare-only --dir "$DIR" "${ARGS[@]}" >/dev/null
+
+# The upstream listens beside the proxy: TCP on PORT+1, unix on SOCK.up. The
+# proxy starts once the upstream answers (it refuses to start without one).
+UP_TCP='P2=$((PORT+1)); '"$BIN"' serve --addr 127.0.0.1 --port $P2 --file $FILE & until nbdinfo --size nbd://127.0.0.1:$P2 >/dev/null 2>&1; do sleep 0.05; done; '
+UP_UNIX="$BIN"' serve --unix $SOCK.up --file $FILE & until nbdinfo --size "nbd+unix:///?socket=$SOCK.up" >/dev/null 2>&1; do sleep 0.05; done; '
+
+"$HARNESS/nbd-bench" --name direct --dir "$DIR" --tsv "$TSV" --workloads "$WORKLOADS" "${ARGS[@]}" \
+    --start "exec $BIN serve --addr 127.0.0.1 --port \$PORT --file \$FILE" \
+    --start-unix "exec $BIN serve --unix \$SOCK --file \$FILE"
+"$HARNESS/nbd-bench" --name proxy --dir "$DIR" --tsv "$TSV" --workloads "$WORKLOADS" "${ARGS[@]}" \
+    --start "$UP_TCP exec $BIN proxy --addr 127.0.0.1 --port \$PORT --conn-addr 127.0.0.1 --conn-port \$P2" \
+    --start-unix "$UP_UNIX exec $BIN proxy --unix \$SOCK --conn-unix \$SOCK.up"
+python3 "$HERE/ratios.py" "$TSV" proxy | tee "${TSV%.tsv}-ratios.md"
