@@ -191,7 +191,7 @@ impl Connection {
         }
         let req = Request::new(Command::Disc, 0, self.cookie(), 0, 0);
         let r = self.send(&req, &[]);
-        let _ = self.stream.shutdown(Shutdown::Both);
+        self.stream.shutdown(Shutdown::Both);
         r
     }
 
@@ -306,7 +306,7 @@ impl Connection {
     /// After the server stopped taking a payload: its error reply, if it sent one.
     fn early_refusal(&self, req: &Request) -> Option<ClientError> {
         self.stream.set_read_timeout(Some(EARLY_REPLY_WAIT)).ok()?;
-        match read_header(&self.stream, None, &|| false) {
+        match read_header(&mut &*self.stream, None, &|| false) {
             Ok(Some(ReplyHeader::Simple(r))) if r.cookie == req.cookie && r.error != 0 => {
                 Some(ClientError::Nbd {
                     errno: NbdErrno::from_code(r.error),
@@ -319,7 +319,8 @@ impl Connection {
 
     /// Waits for the complete reply to `req`.
     fn wait(&self, req: &Request, sink: &mut Sink<'_>) -> Result<Result<(), Failure>, ClientError> {
-        let s = &*self.stream;
+        let mut r: &Stream = &self.stream;
+        let s: &mut dyn Read = &mut r;
         let mut state = ReplyState::new(req.offset, u64::from(req.length), self.request_timeout);
         loop {
             let h = read_header(s, self.request_timeout, &|| false)?.ok_or(ClientError::Closed)?;
@@ -364,7 +365,7 @@ impl Connection {
 
     fn fail(&mut self) {
         self.broken = true;
-        let _ = self.stream.shutdown(Shutdown::Both);
+        self.stream.shutdown(Shutdown::Both);
     }
 
     /// The streaming buffer, at most [`STREAM_CHUNK`] bytes and no larger than needed.

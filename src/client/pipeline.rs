@@ -9,7 +9,7 @@ use super::{check_range, io_error, unsupported, ClientError, ExportInfo, SMALL_W
 use crate::proto::consts::*;
 use crate::proto::{Command, ReplyHeader, Request};
 use std::collections::HashMap;
-use std::io::Write;
+use std::io::{BufReader, Read, Write};
 use std::net::Shutdown;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -80,12 +80,32 @@ pub struct Sender {
     timeout: Duration,
     in_flight: Arc<InFlight>,
     scratch: Vec<u8>,
+    /// Requests queued by [`Sender::queue`] and not yet written.
+    queued: Vec<u8>,
 }
+
+/// Queued requests are written once they reach this size.
+const QUEUE_CAP: usize = 256 * 1024;
+
+/// Reads from a stream shared with the sending half.
+#[derive(Debug)]
+struct Shared(Arc<Stream>);
+
+impl Read for Shared {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        (&*self.0).read(buf)
+    }
+}
+
+/// Replies are read through a buffer this large, so one `recv` takes in
+/// many small replies.
+const RECV_BUF: usize = 256 * 1024;
 
 /// The receiving half of a pipelined connection.
 #[derive(Debug)]
 pub struct Receiver {
     stream: Arc<Stream>,
+    input: BufReader<Shared>,
     info: ExportInfo,
     timeout: Duration,
     in_flight: Arc<InFlight>,
@@ -104,8 +124,10 @@ pub(crate) fn split(
         timeout,
         in_flight: Arc::clone(&in_flight),
         scratch: Vec::new(),
+        queued: Vec::new(),
     };
     let receiver = Receiver {
+        input: BufReader::with_capacity(RECV_BUF, Shared(Arc::clone(&stream))),
         stream,
         info,
         timeout,
@@ -201,6 +223,14 @@ impl Sender {
     /// Sends any request as it is (the proxy forwards clients' requests this
     /// way): commands and flags the export did not advertise are refused.
     pub fn forward(&mut self, req: Request, payload: &[u8]) -> Result<(), ClientError> {
+        self.queue(req, payload)?;
+        self.send_queued()
+    }
+
+    /// [`forward`](Self::forward), except that a small request may wait in a
+    /// buffer for the next ones, to go out in one write with them; the
+    /// caller calls [`send_queued`](Self::send_queued) when no more follow at once.
+    pub fn queue(&mut self, req: Request, payload: &[u8]) -> Result<(), ClientError> {
         let info = self.info;
         let has = |flag| info.flags & flag != 0;
         let ok = match req.command {
@@ -224,25 +254,51 @@ impl Sender {
             ));
         }
         check_range(req.offset, u64::from(req.length))?;
-        self.send(req, payload)
+        self.register(&req)?;
+        if payload.len() <= SMALL_WRITE && self.queued.len() + payload.len() < QUEUE_CAP {
+            self.queued.extend_from_slice(&req.encode());
+            self.queued.extend_from_slice(payload);
+            return Ok(());
+        }
+        self.send_queued()?;
+        self.write_out(&req, payload)
+    }
+
+    /// Writes the requests [`queue`](Self::queue) held back.
+    pub fn send_queued(&mut self) -> Result<(), ClientError> {
+        if self.queued.is_empty() {
+            return Ok(());
+        }
+        let mut w = &*self.stream;
+        let r = w.write_all(&self.queued);
+        self.queued.clear();
+        r.map_err(|e| io_error(e, Some(self.timeout)))
     }
 
     /// Sends NBD_CMD_DISC (which has no reply) and stops sending. The receiver
     /// still collects replies to earlier requests, then sees the end of the stream.
     pub fn disconnect(&mut self) -> Result<(), ClientError> {
+        self.send_queued()?;
         let header = Request::new(Command::Disc, 0, 0, 0, 0).encode();
         let mut w = &*self.stream;
         w.write_all(&header)
             .map_err(|e| io_error(e, Some(self.timeout)))?;
-        let _ = self.stream.shutdown(Shutdown::Write);
+        self.stream.shutdown(Shutdown::Write);
         Ok(())
     }
 
     fn send(&mut self, req: Request, payload: &[u8]) -> Result<(), ClientError> {
+        self.register(&req)?;
+        self.send_queued()?;
+        self.write_out(&req, payload)
+    }
+
+    /// Notes `req` as in flight.
+    fn register(&mut self, req: &Request) -> Result<(), ClientError> {
         if self
             .in_flight
             .lock()
-            .insert(req.cookie, Expect::of(&req))
+            .insert(req.cookie, Expect::of(req))
             .is_some()
         {
             return Err(ClientError::Invalid(format!(
@@ -250,6 +306,11 @@ impl Sender {
                 req.cookie
             )));
         }
+        Ok(())
+    }
+
+    /// Writes a request and its payload (in one write when small).
+    fn write_out(&mut self, req: &Request, payload: &[u8]) -> Result<(), ClientError> {
         let header = req.encode();
         let mut w = &*self.stream;
         let r = if !payload.is_empty() && payload.len() <= SMALL_WRITE {
@@ -279,12 +340,18 @@ impl Receiver {
         ShutdownHandle(Arc::clone(&self.stream))
     }
 
+    /// Whether the next reply header has already arrived (so
+    /// [`recv`](Self::recv) will not wait for the network to start it).
+    pub fn reply_buffered(&self) -> bool {
+        self.input.buffer().len() >= SIMPLE_REPLY_LEN
+    }
+
     /// Waits for the next completed request. `Ok(None)`: the connection ended
     /// with nothing in flight (after a disconnect or a shutdown). While requests
     /// are in flight, silence longer than the request timeout is
     /// [`ClientError::Timeout`]. Any `Err` means the connection is finished.
     pub fn recv(&mut self) -> Result<Option<Completion>, ClientError> {
-        let s = &*self.stream;
+        let s: &mut dyn Read = &mut self.input;
         let timeout = Some(self.timeout);
         loop {
             let in_flight = &self.in_flight;

@@ -1,7 +1,6 @@
 //! Reading replies in the transmission phase: reply headers, simple replies and
 //! structured reply chunks, with READ payloads streamed into a bounded sink.
 
-use super::transport::Stream;
 use super::{io_error, printable, ClientError};
 use crate::proto::consts::*;
 use crate::proto::reply::parse_error_payload;
@@ -66,16 +65,15 @@ impl Failure {
 /// between replies. A timeout before the first byte asks `idle` whether to keep
 /// waiting (nothing is in flight); any other timeout is an error.
 pub(crate) fn read_header(
-    s: &Stream,
+    s: &mut dyn Read,
     timeout: Option<Duration>,
     idle: &dyn Fn() -> bool,
 ) -> Result<Option<ReplyHeader>, ClientError> {
     let mut buf = [0u8; STRUCTURED_REPLY_LEN];
     let mut have = 0;
     let mut need = 4;
-    let mut r = s;
     while have < need {
-        match r.read(&mut buf[have..need]) {
+        match s.read(&mut buf[have..need]) {
             Ok(0) if have == 0 => return Ok(None),
             Ok(0) => return Err(ClientError::Closed),
             Ok(n) => have += n,
@@ -148,7 +146,7 @@ impl ReplyState {
     /// Takes in a simple reply (the whole reply) and its data, if any.
     pub(crate) fn simple(
         &mut self,
-        s: &Stream,
+        s: &mut dyn Read,
         r: SimpleReply,
         sink: &mut Sink<'_>,
     ) -> Result<(), ClientError> {
@@ -167,7 +165,7 @@ impl ReplyState {
     /// Takes in one structured reply chunk; returns true when it was the last.
     pub(crate) fn chunk(
         &mut self,
-        s: &Stream,
+        s: &mut dyn Read,
         c: ChunkHeader,
         sink: &mut Sink<'_>,
     ) -> Result<bool, ClientError> {
@@ -181,7 +179,8 @@ impl ReplyState {
                 let Sink::Extents { id, out } = sink else {
                     return Err(proto("block status chunk in reply to another request"));
                 };
-                if c.length < 12 || (c.length - 4) % 8 != 0 || c.length > MAX_STATUS_CHUNK {
+                if c.length < 12 || !(c.length - 4).is_multiple_of(8) || c.length > MAX_STATUS_CHUNK
+                {
                     return Err(proto("BLOCK_STATUS chunk of a bad length"));
                 }
                 let mut p = vec![0u8; c.length as usize];
@@ -270,7 +269,7 @@ impl ReplyState {
     /// Moves `n` bytes of data from the socket to the sink at `rel`.
     fn copy_in(
         &mut self,
-        s: &Stream,
+        s: &mut dyn Read,
         sink: &mut Sink<'_>,
         rel: u64,
         n: u64,
@@ -333,9 +332,8 @@ impl ReplyState {
         Ok(())
     }
 
-    fn read_exact(&self, s: &Stream, buf: &mut [u8]) -> Result<(), ClientError> {
-        let mut r = s;
-        r.read_exact(buf).map_err(|e| io_error(e, self.timeout))
+    fn read_exact(&self, s: &mut dyn Read, buf: &mut [u8]) -> Result<(), ClientError> {
+        s.read_exact(buf).map_err(|e| io_error(e, self.timeout))
     }
 }
 

@@ -104,7 +104,7 @@ impl Cancel {
         let mut st = self.lock();
         st.cancelled = true;
         if let Some(s) = st.socket.take() {
-            let _ = s.shutdown(Shutdown::Both);
+            s.shutdown(Shutdown::Both);
         }
     }
 
@@ -116,7 +116,7 @@ impl Cancel {
     fn register(&self, s: Stream) -> bool {
         let mut st = self.lock();
         if st.cancelled {
-            let _ = s.shutdown(Shutdown::Both);
+            s.shutdown(Shutdown::Both);
             return false;
         }
         st.socket = Some(s);
@@ -139,6 +139,6 @@ pub struct ShutdownHandle(pub(crate) Arc<Stream>);
 impl ShutdownHandle {
     /// Shuts both directions down; errors (already shut down, peer gone) are ignored.
     pub fn shutdown(&self) {
-        let _ = self.0.shutdown(Shutdown::Both);
+        self.0.shutdown(Shutdown::Both);
     }
 }

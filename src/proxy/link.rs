@@ -81,9 +81,12 @@ impl Outcome {
     }
 }
 
-/// Where answers to a client's requests go.
+/// Where answers to a client's requests go. Answers may be gathered and
+/// go out at [`flush`](Answer::flush).
 pub trait Answer: Send + Sync {
     fn answer(&self, p: Pending, outcome: Outcome);
+    /// Sends the answers gathered so far.
+    fn flush(&self);
 }
 
 /// Waits for flushes on several links (the multi-conn emulation).
@@ -126,6 +129,8 @@ struct State {
     closing: bool,
     /// A request arrived while failed: start another round.
     kick: bool,
+    /// Threads waiting on `changed` (so an answer wakes no one needlessly).
+    waiters: usize,
 }
 
 /// One upstream connection for one client connection.
@@ -175,6 +180,7 @@ impl Link {
                 dirty: false,
                 closing: false,
                 kick: false,
+                waiters: 0,
             }),
             changed: Condvar::new(),
             sender: Mutex::new(None),
@@ -196,6 +202,19 @@ impl Link {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Waits on `changed` until `done` holds or `deadline` passes.
+    fn wait_for<'a>(
+        &self,
+        mut g: MutexGuard<'a, State>,
+        deadline: Option<Instant>,
+        done: impl FnMut(&mut State) -> bool,
+    ) -> MutexGuard<'a, State> {
+        g.waiters += 1;
+        let (mut g, _) = crate::wait::until(&self.changed, g, deadline, done);
+        g.waiters -= 1;
+        g
+    }
+
     pub fn phase(&self) -> Phase {
         self.lock().phase
     }
@@ -211,12 +230,22 @@ impl Link {
     }
 
     /// Sends `req` (the client's, or an internal flush) upstream, or queues it
-    /// while the upstream is down. Waits while the link has too much in flight.
-    pub fn submit(&self, mut req: Request, payload: Vec<u8>, tag: Tag) {
+    /// while the upstream is down. Waits while the link has too much in
+    /// flight. With `more`, a small request may wait for the next ones to go
+    /// out in one write ([`Link::send_queued`] sends it).
+    pub fn submit(&self, mut req: Request, payload: Vec<u8>, tag: Tag, more: bool) {
         let c = cost(&req);
         {
-            let g = self.lock();
-            let (g, _) = crate::wait::until(&self.changed, g, None, |s| {
+            let full = {
+                let s = self.lock();
+                !s.pending.is_empty()
+                    && (s.pending.len() >= MAX_REQUESTS || s.bytes + c > MAX_BYTES)
+            };
+            if full {
+                // Answers cannot come for requests still in the buffer.
+                self.send_queued();
+            }
+            let g = self.wait_for(self.lock(), None, |s| {
                 s.closing
                     || s.pending.is_empty()
                     || (s.pending.len() < MAX_REQUESTS && s.bytes + c <= MAX_BYTES)
@@ -230,6 +259,7 @@ impl Link {
                     sent: false,
                 };
                 self.answer(p, closing());
+                self.client.flush();
                 return;
             }
         }
@@ -259,11 +289,16 @@ impl Link {
         let Some(s) = sender.as_mut() else {
             return; // sent by the replay once connected
         };
-        if let Err(e) = s.forward(req, &payload) {
+        let sent = match more {
+            true => s.queue(req, &payload),
+            false => s.forward(req, &payload),
+        };
+        if let Err(e) = sent {
             if e.connection_usable() {
                 drop(sender);
                 if let Some(p) = self.take(req.cookie) {
                     self.answer(p, Outcome::error(NbdErrno::Inval, e.to_string()));
+                    self.client.flush();
                 }
                 return;
             }
@@ -274,12 +309,23 @@ impl Link {
         }
     }
 
+    /// Writes the requests [`submit`](Self::submit) held back.
+    pub fn send_queued(&self) {
+        let mut sender = self.sender.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = sender.as_mut() {
+            if s.send_queued().is_err() {
+                *sender = None;
+                drop(sender);
+                self.cut_connection();
+            }
+        }
+    }
+
     /// Ends the link. With `drain`, first waits until every request was
     /// answered (or failed), as after a client's NBD_CMD_DISC.
     pub fn close(&self, drain: bool) {
         if drain {
-            let g = self.lock();
-            let _ = crate::wait::until(&self.changed, g, None, |s| {
+            let _g = self.wait_for(self.lock(), None, |s| {
                 s.pending.is_empty() || s.phase == Phase::Failed
             });
         }
@@ -314,6 +360,7 @@ impl Link {
         for p in left {
             self.answer(p, closing());
         }
+        self.client.flush();
     }
 
     fn cut_connection(&self) {
@@ -326,7 +373,9 @@ impl Link {
         let mut st = self.lock();
         let p = st.pending.remove(&cookie)?;
         st.bytes -= cost(&p.req);
-        self.changed.notify_all();
+        if st.waiters > 0 {
+            self.changed.notify_all();
+        }
         Some(p)
     }
 
@@ -368,11 +417,20 @@ impl Link {
     /// Receives answers until the connection fails; returns why.
     fn receive(&self, mut rx: Receiver) -> String {
         loop {
-            match rx.recv() {
-                Ok(Some(c)) => self.completed(c),
-                Ok(None) => return "the upstream closed the connection".into(),
-                Err(e) => return e.to_string(),
+            let r = rx.recv();
+            if let Ok(Some(c)) = r {
+                self.completed(c);
+                // Answers go out together while more replies are at hand.
+                if !rx.reply_buffered() {
+                    self.client.flush();
+                }
+                continue;
             }
+            self.client.flush();
+            return match r {
+                Ok(_) => "the upstream closed the connection".into(),
+                Err(e) => e.to_string(),
+            };
         }
     }
 
@@ -480,8 +538,7 @@ impl Link {
 
     /// Waits `d` unless the link closes first; false if it did.
     fn sleep(&self, d: Duration) -> bool {
-        let g = self.lock();
-        let (g, _) = crate::wait::until(&self.changed, g, Some(Instant::now() + d), |s| s.closing);
+        let g = self.wait_for(self.lock(), Some(Instant::now() + d), |s| s.closing);
         !g.closing
     }
 
@@ -504,8 +561,8 @@ impl Link {
         for p in failed {
             self.answer(p, Outcome::error(NbdErrno::Io, msg));
         }
-        let g = self.lock();
-        let (mut g, _) = crate::wait::until(&self.changed, g, None, |s| s.closing || s.kick);
+        self.client.flush();
+        let mut g = self.wait_for(self.lock(), None, |s| s.closing || s.kick);
         g.kick = false;
     }
 
@@ -527,7 +584,11 @@ impl Link {
             return None;
         }
         let readonly = self.up.read_only_fallback();
-        let (again, refused, resent): (Vec<(Request, Arc<Vec<u8>>)>, Vec<Pending>, usize) = {
+        let Replay {
+            again,
+            refused,
+            resent,
+        } = {
             let mut st = self.lock();
             let refused = match readonly {
                 true => {
@@ -557,7 +618,11 @@ impl Link {
                     (p.req, p.payload.clone())
                 })
                 .collect();
-            (again, refused, resent)
+            Replay {
+                again,
+                refused,
+                resent,
+            }
         };
         for p in refused {
             self.answer(
@@ -565,13 +630,16 @@ impl Link {
                 Outcome::error(NbdErrno::Perm, "the upstream failed: read-only from now on"),
             );
         }
+        self.client.flush();
         let ever = self.ever_up.swap(true, Relaxed);
-        for (req, payload) in &again {
-            if let Err(e) = tx.forward(*req, payload) {
-                warn!("{}: sending a request again failed: {e}", self.name);
-                cut.shutdown();
-                return None;
-            }
+        let replayed = again
+            .iter()
+            .try_for_each(|(req, payload)| tx.queue(*req, payload))
+            .and_then(|_| tx.send_queued());
+        if let Err(e) = replayed {
+            warn!("{}: sending the requests again failed: {e}", self.name);
+            cut.shutdown();
+            return None;
         }
         if resent > 0 {
             self.up.resent(resent as u64);
@@ -588,6 +656,15 @@ impl Link {
         self.set_phase(Phase::Up);
         Some(rx)
     }
+}
+
+/// What a new connection takes over: the requests to send again (in order),
+/// the writes refused under `--retry-readonly`, and how many of those sent
+/// again had gone out before.
+struct Replay {
+    again: Vec<(Request, Arc<Vec<u8>>)>,
+    refused: Vec<Pending>,
+    resent: usize,
 }
 
 fn closing() -> Outcome {

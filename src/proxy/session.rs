@@ -18,8 +18,11 @@ use std::net::Shutdown;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
-/// Answers up to this size go out in one write with their header.
+/// Answers up to this size are gathered and go out together; larger READ
+/// data is sent on its own after them.
 const COALESCE: usize = 256 * 1024;
+/// Gathered answers are sent once they reach this size.
+const OUT_CAP: usize = 1 << 20;
 
 /// Data fetched ahead by `--cache`: valid while no write was sent since.
 struct ReadAhead {
@@ -38,22 +41,45 @@ struct Replier {
     gone: AtomicBool,
     up: Arc<Upstream>,
     cache: Mutex<Option<ReadAhead>>,
+    /// Answers gathered and not yet sent.
+    out: Mutex<Vec<u8>>,
 }
 
 impl Replier {
+    /// Adds an answer (its parts in order) to those to send; a large one is
+    /// sent at once, after those gathered before it.
     fn send(&self, parts: &[&[u8]]) {
         if self.gone.load(Relaxed) {
             return;
         }
         let total: usize = parts.iter().map(|p| p.len()).sum();
+        let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
+        if total <= COALESCE {
+            for p in parts {
+                out.extend_from_slice(p);
+            }
+            if out.len() >= OUT_CAP {
+                self.write(&mut out, &[]);
+            }
+            return;
+        }
+        self.write(&mut out, parts);
+    }
+
+    /// Sends what was gathered, then `parts`, under the writer lock.
+    fn write(&self, out: &mut Vec<u8>, parts: &[&[u8]]) {
         let _g = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        let r = if total <= COALESCE && parts.len() > 1 {
-            self.conn.send_all(&parts.concat(), self.send.deadline())
-        } else {
+        let deadline = self.send.deadline();
+        let r = match out.is_empty() {
+            true => Ok(()),
+            false => self.conn.send_all(out, deadline),
+        };
+        out.clear();
+        let r = r.and_then(|_| {
             parts
                 .iter()
-                .try_for_each(|p| self.conn.send_all(p, self.send.deadline()))
-        };
+                .try_for_each(|p| self.conn.send_all(p, deadline))
+        });
         if let Err(e) = r {
             if !self.gone.swap(true, Relaxed) {
                 info!("{}: cannot send to the client: {e}", self.name);
@@ -109,6 +135,13 @@ impl Replier {
 }
 
 impl Answer for Replier {
+    fn flush(&self) {
+        let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
+        if !out.is_empty() && !self.gone.load(Relaxed) {
+            self.write(&mut out, &[]);
+        }
+    }
+
     fn answer(&self, p: Pending, outcome: Outcome) {
         let Tag::Client { cookie, readahead } = p.tag else {
             return;
@@ -167,6 +200,7 @@ pub fn run(up: Arc<Upstream>, conn: Stream, neg: Negotiated, client: Client<'_>)
         gone: AtomicBool::new(false),
         up: up.clone(),
         cache: Mutex::new(None),
+        out: Mutex::new(Vec::new()),
     });
     let link = match Link::start(up.clone(), replier.clone(), name.clone()) {
         Ok(l) => l,
@@ -185,6 +219,10 @@ pub fn run(up: Arc<Upstream>, conn: Stream, neg: Negotiated, client: Client<'_>)
 fn serve(up: &Upstream, link: &Link, replier: &Replier, rd: &mut Reader, neg: &Negotiated) -> End {
     let read_only = up.info_read_only();
     loop {
+        if !matches!(rd.peek(false), Ok(Some(_))) {
+            // Nothing more at hand: what was held back goes out now.
+            link.send_queued();
+        }
         let req = match rd.peek(true) {
             Ok(Some(r)) => r,
             Ok(None) => continue,
@@ -216,6 +254,7 @@ fn serve(up: &Upstream, link: &Link, replier: &Replier, rd: &mut Reader, neg: &N
                 }
             }
             replier.error(&req, errno, msg);
+            replier.flush();
             continue;
         }
         let Ok(op) = op else { continue };
@@ -240,6 +279,7 @@ fn serve(up: &Upstream, link: &Link, replier: &Replier, rd: &mut Reader, neg: &N
                 let cache = up.settings().cache;
                 if req.length > 0 && req.length <= cache {
                     if replier.cached(&req) {
+                        replier.flush();
                         continue;
                     }
                     // Fetch twice as much when that fits the export.
@@ -275,7 +315,9 @@ fn serve(up: &Upstream, link: &Link, replier: &Replier, rd: &mut Reader, neg: &N
                 }
             }
         }
-        link.submit(fwd, payload, tag);
+        // Requests already buffered behind this one go out in the same write.
+        let more = matches!(rd.peek(false), Ok(Some(_)));
+        link.submit(fwd, payload, tag, more);
     }
 }
 

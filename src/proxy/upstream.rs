@@ -227,7 +227,7 @@ impl Upstream {
         let b = Barrier::new(targets.len());
         for l in &targets {
             let flush = Request::new(Command::Flush, 0, 0, 0, 0);
-            l.submit(flush, Vec::new(), Tag::Barrier(b.clone()));
+            l.submit(flush, Vec::new(), Tag::Barrier(b.clone()), false);
         }
         b.wait()
     }
