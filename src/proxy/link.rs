@@ -419,7 +419,10 @@ impl Link {
         loop {
             let r = rx.recv();
             if let Ok(Some(c)) = r {
-                self.completed(c);
+                if let Err(why) = self.completed(c) {
+                    self.client.flush();
+                    return why;
+                }
                 // Answers go out together while more replies are at hand.
                 if !rx.reply_buffered() {
                     self.client.flush();
@@ -434,9 +437,19 @@ impl Link {
         }
     }
 
-    fn completed(&self, c: Completion) {
+    /// Answers a completed request. `Err`: the upstream said it is shutting
+    /// down (ESHUTDOWN, as a server going away answers what it will not
+    /// execute); the request stays pending, to be sent to its successor.
+    fn completed(&self, c: Completion) -> Result<(), String> {
+        if let Err(ClientError::Nbd {
+            errno: NbdErrno::Shutdown,
+            ..
+        }) = c.result
+        {
+            return Err("the upstream is shutting down".into());
+        }
         let Some(p) = self.take(c.cookie) else {
-            return;
+            return Ok(());
         };
         let outcome = match c.result {
             Ok(()) => {
@@ -450,6 +463,7 @@ impl Link {
             Err(e) => Outcome::error(NbdErrno::Io, e.to_string()),
         };
         self.answer(p, outcome);
+        Ok(())
     }
 
     /// The upstream connection failed: stop sending on it.
