@@ -26,7 +26,9 @@ use crate::proto::handshake::{
     option_reply, valid_string, InfoRequest, MetaContextRequest,
 };
 use crate::proto::reply::{parse_error_payload, truncate_utf8};
-use crate::proto::{ClientFlags, Greeting, OptionHeader, OptionReplyHeader, ReplyHeader, Request};
+use crate::proto::{
+    ClientFlags, Command, Greeting, OptionHeader, OptionReplyHeader, ReplyHeader, Request,
+};
 use crate::server::conn::Deadline;
 use crate::server::handshake::{negotiate, transmission_flags, ExportInfo, Negotiated};
 use crate::server::validate::{validate, Op, MAX_DF_READ, MAX_REQUEST};
@@ -308,6 +310,9 @@ pub fn client_replies(data: &[u8]) {
     };
     if structured {
         script.extend(option_reply(OPT_STRUCTURED_REPLY, REP_ACK, &[]));
+        let ctx = crate::proto::handshake::rep_meta_context(1, "base:allocation");
+        script.extend(option_reply(OPT_SET_META_CONTEXT, REP_META_CONTEXT, &ctx));
+        script.extend(option_reply(OPT_SET_META_CONTEXT, REP_ACK, &[]));
     }
     match style {
         1 | 2 => {
@@ -326,6 +331,7 @@ pub fn client_replies(data: &[u8]) {
     script.extend_from_slice(input);
     let opts = ConnectOptions {
         structured_replies: structured,
+        base_allocation: structured,
         ..client_options()
     };
     let pipelined = mode & 4 != 0;
@@ -356,6 +362,11 @@ fn pipeline(c: Connection) {
     let _ = tx.trim(3, 0, 4096);
     let _ = tx.flush(4);
     let _ = tx.entrust(5);
+    // What the proxy forwards: reads (their data comes with the completion)
+    // and block status (descriptors of the selected context).
+    let _ = tx.read(6, 0, 4096);
+    let _ = tx.queue(Request::new(Command::BlockStatus, 0, 7, 0, 65536), &[]);
+    let _ = tx.send_queued();
     for _ in 0..8 {
         if rx.in_flight() == 0 || !matches!(rx.recv(), Ok(Some(_))) {
             break;

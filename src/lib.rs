@@ -3,21 +3,30 @@
 //! Layers, top to bottom (a layer never reaches up):
 //! - [`cli`]: one module per subcommand, argument parsing and `run()`:
 //!   `serve`, `listen`, `mirror` (`--wait`), `mirror-speed`, `break`, `acl`,
-//!   `status`, `read`, `write`, and `pause`, `resume`, `snapshot`
-//!   (`cli::pause`).
+//!   `status`, `read`, `write`, `pause`, `resume`, `snapshot`
+//!   (`cli::pause`) and `proxy` (`cli::proxy`; the `flexnbd-proxy` program
+//!   and `flexnbd` run under that name start in `cli::program`).
 //! - [`daemon`]: wiring of export, listeners, control socket, mirror,
 //!   signals, shutdown (`daemon::Config`); `daemon::state` holds the one
 //!   phase and answers the control commands; pauses are leases
 //!   (`daemon::pause`), also taken on the nbdkit-style pause-control socket
 //!   (`daemon::pause_control`).
+//! - [`proxy`]: `flexnbd proxy`, a server whose backend is an upstream NBD
+//!   server (`proxy::upstream`). Hops: client → `server` (handshake in the
+//!   upstream's style) → `proxy::session` (checks, `--cache`, multi-conn
+//!   flush replay) → `proxy::link` (one upstream connection per client,
+//!   requests kept until answered) → upstream; answers back on the link's
+//!   thread. On failure the link reconnects (`proxy::retry`), checks the
+//!   size and sends the unanswered requests again in order.
 //! - [`incoming`]: the destination of a migration (`listen`): the
 //!   `FILE.INCOMPLETE` marker, the one sender slot (a silent sender is
 //!   replaced), and the rule for when the image has arrived.
 //! - [`server`]: listeners, ACL at accept (and `--max-clients`), handshake
 //!   (one deadline, `--handshake-timeout`), one session per connection
 //!   (`server::session`; requests run in `server::exec`, replies leave
-//!   through `server::out` with a send deadline); `server::intake` is the
-//!   hook [`incoming`] plugs into.
+//!   through `server::out` with a send deadline); what a session serves
+//!   from is a `server::Backend` (the image, or the proxy's upstream);
+//!   `server::intake` is the hook [`incoming`] plugs into.
 //! - [`control`]: control socket grammar (`status`, `acl`, `mirror`,
 //!   `mirror_max_bps`, `break`, `mirror_wait`, `pause`, `resume`) and loop
 //!   (held pauses keep their connection), and the CLI side.
@@ -27,12 +36,15 @@
 //!   rest sent, flush, ENTRUST to old-style destinations, DISC; it waits
 //!   while the image is paused); any failure retries from scratch with
 //!   back-off.
-//! - [`client`]: NBD client used by `read`, `write` and the mirror.
+//! - [`client`]: NBD client used by `read`, `write`, the mirror and the
+//!   proxy (pipelined sender and receiver; READ data and block status).
 //! - [`export`]: the served image: storage, request gate ([`gate`]: counted
 //!   holds), change observer.
 //! - [`storage`]: positional file I/O, holes and extents (`storage::map`),
 //!   block devices (`storage::device`), the image lock (`storage::lock`).
 //! - [`proto`]: the NBD wire format, no I/O.
+//! - [`stream`]: the one transport type (TCP or unix), used by the server,
+//!   the client and the proxy.
 //! - [`net`], [`addr`], [`acl`], [`sys`], [`log`], [`wait`]: socket options,
 //!   addresses, access control, syscall wrappers, log lines, the one
 //!   deadline loop.

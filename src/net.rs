@@ -50,6 +50,21 @@ pub fn is_own_address(dest: SocketAddr, own: &[SocketAddr]) -> bool {
     })
 }
 
+/// Socket buffers for a proxied connection, where data passes through:
+/// large enough that a 256 KiB reply or write goes through without the
+/// sender and the receiver waking each other several times on the way
+/// (unix sockets default to about 200 KiB). The kernel caps them at its
+/// `wmem_max`/`rmem_max`.
+pub const PROXY_SOCKET_BUFFER: usize = 4 << 20;
+
+/// Applies [`PROXY_SOCKET_BUFFER`] to a connected socket; errors are ignored
+/// (the defaults work, only slower).
+pub fn proxy_buffers(s: std::os::fd::BorrowedFd<'_>) {
+    let r = socket2::SockRef::from(&s);
+    let _ = r.set_send_buffer_size(PROXY_SOCKET_BUFFER);
+    let _ = r.set_recv_buffer_size(PROXY_SOCKET_BUFFER);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

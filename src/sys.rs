@@ -3,7 +3,7 @@
 #![allow(unsafe_code)]
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 fn cvt(r: libc::c_long) -> io::Result<libc::c_long> {
     if r < 0 {
@@ -116,6 +116,52 @@ pub fn send_more(sock: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
             buf.as_ptr() as *const libc::c_void,
             buf.len(),
             libc::MSG_MORE | libc::MSG_NOSIGNAL,
+        )
+    };
+    cvt(r as libc::c_long).map(|n| n as usize)
+}
+
+/// A pipe: (read end, write end), both close-on-exec.
+pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: `fds` is a local array of two ints the kernel fills in.
+    let r = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };
+    cvt(r as libc::c_long)?;
+    // SAFETY: pipe2 succeeded: both descriptors are new and owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Asks for a pipe buffer of `len` bytes (`F_SETPIPE_SZ`); returns the size
+/// the kernel gave.
+pub fn set_pipe_size(pipe: BorrowedFd<'_>, len: usize) -> io::Result<usize> {
+    let len = libc::c_int::try_from(len).unwrap_or(libc::c_int::MAX);
+    // SAFETY: F_SETPIPE_SZ takes an int and touches no memory of ours.
+    let r = unsafe { libc::fcntl(pipe.as_raw_fd(), libc::F_SETPIPE_SZ, len) };
+    cvt(r as libc::c_long).map(|n| n as usize)
+}
+
+/// `splice(2)` of up to `len` bytes from `from` to `to` (one of them a
+/// pipe), moving pages instead of copying where the kernel can. `more`:
+/// more data follows (`SPLICE_F_MORE`, as `MSG_MORE`).
+pub fn splice(
+    from: BorrowedFd<'_>,
+    to: BorrowedFd<'_>,
+    len: usize,
+    more: bool,
+) -> io::Result<usize> {
+    let mut flags = libc::SPLICE_F_MOVE;
+    if more {
+        flags |= libc::SPLICE_F_MORE;
+    }
+    // SAFETY: null offsets (both ends are streams); both fds are valid for the borrow.
+    let r = unsafe {
+        libc::splice(
+            from.as_raw_fd(),
+            std::ptr::null_mut(),
+            to.as_raw_fd(),
+            std::ptr::null_mut(),
+            len,
+            flags,
         )
     };
     cvt(r as libc::c_long).map(|n| n as usize)

@@ -244,9 +244,34 @@ struct Migration {
 }
 
 fn migration_setup(size: u64) -> Migration {
-    let src = source(size, 21);
+    migration_setup_styled(size, false)
+}
+
+/// [`migration_setup`], with both servers old-style when `oldstyle`.
+fn migration_setup_styled(size: u64, oldstyle: bool) -> Migration {
+    let src = match oldstyle {
+        false => source(size, 21),
+        true => {
+            let dir = tempdir();
+            let file = dir.path().join("src.img");
+            create_random_file(&file, size, 21);
+            let srv = Daemon::serve(&file, &dir.path().join("src.sock"))
+                .arg("--oldstyle")
+                .env("FLEXNBD_MS_REQUEST_LIMIT_SECS", SOURCE_REQUEST_LIMIT)
+                .start();
+            Source {
+                _dir: dir,
+                file,
+                srv,
+            }
+        }
+    };
     let port = src.srv.port.unwrap().to_string();
-    let dst = listener(size, &["--rebind-port", &port]);
+    let mut extra = vec!["--rebind-port", &port];
+    if oldstyle {
+        extra.push("--oldstyle");
+    }
+    let dst = listener(size, &extra);
     let proxy = Daemon::proxy(&src._dir.path().join("p.sock"), &src.srv)
         .args(&QUICK_RETRY)
         .env("FLEXNBD_UPSTREAM_TIMEOUT", "5")
@@ -272,7 +297,16 @@ impl Migration {
 
 #[test]
 fn migration_with_rebind_is_invisible_to_a_writer() {
-    let mut m = migration_setup(64 * MIB);
+    migration_under_a_writer(false);
+}
+
+#[test]
+fn oldstyle_migration_with_rebind_is_invisible_to_a_writer() {
+    migration_under_a_writer(true);
+}
+
+fn migration_under_a_writer(oldstyle: bool) {
+    let mut m = migration_setup_styled(64 * MIB, oldstyle);
     let mut w = LoadWriter::start(&m.proxy.uri(), 8, 31);
     m.migrate();
     let t_stop = epoch();
@@ -547,4 +581,79 @@ fn md5_of(data: &[u8]) -> String {
     let f = dir.path().join("d");
     std::fs::write(&f, data).unwrap();
     md5_file(&f)
+}
+
+/// The proxy offers what the upstream offers and no more: against nbdkit
+/// without WRITE_ZEROES, neither does the proxy, and such requests are
+/// refused without reaching the upstream.
+#[test]
+fn advertises_only_what_the_upstream_offers() {
+    let nbdkit = require_tool("nbdkit");
+    let nbdinfo = require_tool("nbdinfo");
+    let port = free_port();
+    let mut kit = Background::spawn(Command::new(&nbdkit).args([
+        "--exit-with-parent",
+        "-f",
+        "-i",
+        "127.0.0.1",
+        "-p",
+        &port.to_string(),
+        "--filter=noextents",
+        "--filter=nozero",
+        "memory",
+        "16M",
+        "zeromode=none",
+    ]));
+    let uri = format!("nbd://127.0.0.1:{port}/");
+    assert!(
+        wait_until(READY_TIMEOUT, || !kit.is_running()
+            || run(Command::new(&nbdinfo).args(["--size", &uri]), IO_TIMEOUT)
+                .success()),
+        "nbdkit did not start"
+    );
+    assert!(kit.is_running(), "nbdkit: {}", kit.stderr());
+    let up = ["--conn-addr", "127.0.0.1", "--conn-port", &port.to_string()].map(String::from);
+    let p = Serve::proxy(&up).start();
+    let direct = nbdinfo_json(&uri);
+    let proxied = nbdinfo_json(&p.uri());
+    let (d, x) = (&direct["exports"][0], &proxied["exports"][0]);
+    for k in [
+        "can_zero",
+        "can_fast_zero",
+        "can_fua",
+        "can_flush",
+        "can_trim",
+        "can_cache",
+        "can_df",
+        "can_multi_conn",
+        "is_read_only",
+    ] {
+        assert_eq!(d[k], x[k], "{k}: direct {d} proxied {x}");
+    }
+    assert_eq!(x["can_zero"], false);
+    assert_eq!(x["contexts"], d["contexts"]);
+    // Raw requests the export did not advertise: EINVAL, the stream goes on.
+    let mut raw = Raw::structured(p.addr());
+    raw.req(6, 0, 1, 0, 4096); // WRITE_ZEROES
+    assert_eq!(errno(raw.reply()), (1, 22));
+    raw.req(1, 0x10, 2, 0, 512); // WRITE with FAST_ZERO: a flag not for writes
+    raw.send(&[0x11; 512]);
+    assert_eq!(errno(raw.reply()), (2, 22));
+    assert_eq!(raw.write(3, 0, &[0x22; 512]), 0);
+    raw.req(0, 0, 4, 0, 512);
+    match raw.reply() {
+        Reply::Chunk(c) => {
+            assert_eq!((c.cookie, c.kind), (4, 1), "one data chunk");
+            assert_eq!(&c.payload[8..], &[0x22; 512][..]);
+        }
+        r => panic!("a READ answered {r:?}"),
+    }
+}
+
+/// The cookie and error of a simple reply or an error chunk.
+fn errno(r: Reply) -> (u64, u32) {
+    match r {
+        Reply::Simple { error, cookie } => (cookie, error),
+        Reply::Chunk(c) => (c.cookie, be32(&c.payload, 0)),
+    }
 }

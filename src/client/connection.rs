@@ -85,6 +85,13 @@ impl Connection {
         self.info.structured_replies
     }
 
+    /// Gives the socket large buffers ([`crate::net::proxy_buffers`]), for a
+    /// connection that data streams through.
+    pub fn large_buffers(&self) {
+        use std::os::fd::AsFd;
+        crate::net::proxy_buffers(self.stream.as_fd());
+    }
+
     /// A handle that shuts this connection down from another thread.
     pub fn shutdown_handle(&self) -> ShutdownHandle {
         ShutdownHandle(Arc::clone(&self.stream))
@@ -320,7 +327,7 @@ impl Connection {
     /// Waits for the complete reply to `req`.
     fn wait(&self, req: &Request, sink: &mut Sink<'_>) -> Result<Result<(), Failure>, ClientError> {
         let mut r: &Stream = &self.stream;
-        let s: &mut dyn Read = &mut r;
+        let s: &mut dyn super::input::ReplyInput = &mut r;
         let mut state = ReplyState::new(req.offset, u64::from(req.length), self.request_timeout);
         loop {
             let h = read_header(s, self.request_timeout, &|| false)?.ok_or(ClientError::Closed)?;

@@ -10,6 +10,7 @@
 //! - [`ShutdownHandle`] unblocks any thread stuck on the socket.
 
 mod connection;
+mod input;
 mod negotiate;
 mod pipeline;
 mod reply;
@@ -25,6 +26,7 @@ mod tests_pipeline;
 mod tests_transfer;
 
 pub use connection::Connection;
+pub use input::Pipe;
 pub use pipeline::{Body, Completion, Receiver, Sender};
 pub use transport::{Cancel, ShutdownHandle};
 

@@ -3,13 +3,14 @@
 //! completions in whatever order the server answers, each on its own thread.
 //! A READ's completion carries its data, a BLOCK_STATUS's its descriptors.
 
+use super::input::{Input, Pipe, ReplyInput};
 use super::reply::{read_header, ReplyState, Sink};
 use super::transport::{ShutdownHandle, Stream};
 use super::{check_range, io_error, unsupported, ClientError, ExportInfo, SMALL_WRITE};
 use crate::proto::consts::*;
 use crate::proto::{Command, ReplyHeader, Request};
 use std::collections::HashMap;
-use std::io::{BufReader, Read, Write};
+use std::io::Write;
 use std::net::Shutdown;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -62,12 +63,17 @@ pub struct Completion {
 }
 
 /// The data a reply carried.
-#[derive(Debug, Default, PartialEq, Eq)]
+#[derive(Debug, Default)]
 pub enum Body {
     #[default]
     Empty,
     /// A READ's data, holes as zeroes.
     Data(Vec<u8>),
+    /// A READ's data (`len` bytes, holes as zeroes) waiting in the pipe set
+    /// with [`Receiver::use_pipe`]: it must be taken out
+    /// ([`Pipe::splice_out`], [`Pipe::read_out`] or [`Pipe::discard`])
+    /// before the next [`Receiver::recv`].
+    Piped { len: usize, pipe: Arc<Pipe> },
     /// BLOCK_STATUS descriptors: (length, flags).
     Extents(Vec<(u32, u32)>),
 }
@@ -87,30 +93,24 @@ pub struct Sender {
 /// Queued requests are written once they reach this size.
 const QUEUE_CAP: usize = 256 * 1024;
 
-/// Reads from a stream shared with the sending half.
-#[derive(Debug)]
-struct Shared(Arc<Stream>);
-
-impl Read for Shared {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        (&*self.0).read(buf)
-    }
-}
-
-/// Replies are read through a buffer this large, so one `recv` takes in
-/// many small replies.
-const RECV_BUF: usize = 256 * 1024;
-
 /// The receiving half of a pipelined connection.
 #[derive(Debug)]
 pub struct Receiver {
     stream: Arc<Stream>,
-    input: BufReader<Shared>,
+    input: Input,
+    /// READ data of at least [`PIPE_MIN`] bytes goes here, when set.
+    pipe: Option<Arc<Pipe>>,
     info: ExportInfo,
     timeout: Duration,
     in_flight: Arc<InFlight>,
     partial: HashMap<u64, (ReplyState, Body)>,
+    /// READ buffers given back with [`Receiver::recycle`].
+    spare: Vec<Vec<u8>>,
 }
+
+/// READ buffers kept for reuse (large ones only: small ones are cheap).
+const SPARE_BUFFERS: usize = 16;
+const SPARE_MIN: usize = 64 * 1024;
 
 pub(crate) fn split(
     stream: Arc<Stream>,
@@ -127,12 +127,14 @@ pub(crate) fn split(
         queued: Vec::new(),
     };
     let receiver = Receiver {
-        input: BufReader::with_capacity(RECV_BUF, Shared(Arc::clone(&stream))),
+        input: Input::new(Arc::clone(&stream)),
+        pipe: None,
         stream,
         info,
         timeout,
         in_flight,
         partial: HashMap::new(),
+        spare: Vec::new(),
     };
     (sender, receiver)
 }
@@ -340,10 +342,23 @@ impl Receiver {
         ShutdownHandle(Arc::clone(&self.stream))
     }
 
+    /// From now on, READ data of at least [`PIPE_MIN`] bytes that fits the
+    /// pipe goes into it, to be passed on without a copy.
+    pub fn use_pipe(&mut self, pipe: Pipe) {
+        self.pipe = Some(Arc::new(pipe));
+    }
+
+    /// Gives a READ's data buffer back, to take the data of a later one.
+    pub fn recycle(&mut self, buf: Vec<u8>) {
+        if buf.capacity() >= SPARE_MIN && self.spare.len() < SPARE_BUFFERS {
+            self.spare.push(buf);
+        }
+    }
+
     /// Whether the next reply header has already arrived (so
     /// [`recv`](Self::recv) will not wait for the network to start it).
     pub fn reply_buffered(&self) -> bool {
-        self.input.buffer().len() >= SIMPLE_REPLY_LEN
+        self.input.buffered() >= SIMPLE_REPLY_LEN
     }
 
     /// Waits for the next completed request. `Ok(None)`: the connection ended
@@ -351,7 +366,7 @@ impl Receiver {
     /// are in flight, silence longer than the request timeout is
     /// [`ClientError::Timeout`]. Any `Err` means the connection is finished.
     pub fn recv(&mut self) -> Result<Option<Completion>, ClientError> {
-        let s: &mut dyn Read = &mut self.input;
+        let s: &mut dyn ReplyInput = &mut self.input;
         let timeout = Some(self.timeout);
         loop {
             let in_flight = &self.in_flight;
@@ -367,12 +382,28 @@ impl Receiver {
             let Some(expect) = self.in_flight.lock().get(&cookie).copied() else {
                 return Err(ClientError::WrongHandle(cookie));
             };
+            if !self.partial.is_empty() && !self.partial.contains_key(&cookie) {
+                // Replies interleave: the pipe holds one reply at a time.
+                unpipe(&mut self.partial)?;
+            }
             let (mut state, mut body) = match self.partial.remove(&cookie) {
                 Some(st) => st,
                 None => match expect {
                     Expect::Data { offset, len } => (
                         ReplyState::new(offset, u64::from(len), timeout),
-                        Body::Data(vec![0u8; len as usize]),
+                        match &self.pipe {
+                            Some(p)
+                                if len as usize >= PIPE_MIN
+                                    && len as usize <= p.capacity()
+                                    && p.held() == 0 =>
+                            {
+                                Body::Piped {
+                                    len: len as usize,
+                                    pipe: p.clone(),
+                                }
+                            }
+                            _ => Body::Data(take_buffer(&mut self.spare, len as usize)),
+                        },
                     ),
                     Expect::Extents => (ReplyState::new(0, 1, timeout), Body::Extents(Vec::new())),
                     Expect::Nothing => (ReplyState::new(0, 0, timeout), Body::Empty),
@@ -382,6 +413,7 @@ impl Receiver {
             let mut sink = match &mut body {
                 Body::Empty => Sink::Nothing,
                 Body::Data(d) => Sink::Slice(d),
+                Body::Piped { pipe, .. } => Sink::Pipe(pipe),
                 Body::Extents(e) => Sink::Extents {
                     id: context,
                     out: e,
@@ -410,6 +442,9 @@ impl Receiver {
                 self.in_flight.lock().remove(&cookie);
                 let result = state.outcome().map_err(|f| f.into_error());
                 if result.is_err() {
+                    if let Body::Piped { pipe, .. } = &body {
+                        pipe.discard();
+                    }
                     body = Body::Empty;
                 }
                 return Ok(Some(Completion {
@@ -422,4 +457,35 @@ impl Receiver {
             self.partial.insert(cookie, (state, body));
         }
     }
+}
+
+/// A buffer of `len` bytes for READ data: a spare one large enough if there
+/// is one (its old bytes are all overwritten: the reply must cover the whole
+/// range, holes included), else a new one.
+fn take_buffer(spare: &mut Vec<Vec<u8>>, len: usize) -> Vec<u8> {
+    match spare.iter().position(|b| b.capacity() >= len) {
+        Some(i) => {
+            let mut b = spare.swap_remove(i);
+            b.resize(len, 0);
+            b
+        }
+        None => vec![0u8; len],
+    }
+}
+
+/// READ data smaller than this is copied (a pipe costs two more system
+/// calls per reply, which only pays for large data).
+pub const PIPE_MIN: usize = 64 * 1024;
+
+/// Turns a partial reply whose data is in the pipe into one in memory (when
+/// another reply's chunks arrive in between).
+fn unpipe(partial: &mut HashMap<u64, (ReplyState, Body)>) -> Result<(), ClientError> {
+    for (_, body) in partial.values_mut() {
+        if let Body::Piped { len, pipe } = body {
+            let mut d = pipe.read_out(pipe.held()).map_err(ClientError::Io)?;
+            d.resize(*len, 0);
+            *body = Body::Data(d);
+        }
+    }
+    Ok(())
 }

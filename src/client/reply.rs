@@ -1,11 +1,12 @@
 //! Reading replies in the transmission phase: reply headers, simple replies and
 //! structured reply chunks, with READ payloads streamed into a bounded sink.
 
+use super::input::{Pipe, ReplyInput};
 use super::{io_error, printable, ClientError};
 use crate::proto::consts::*;
 use crate::proto::reply::parse_error_payload;
 use crate::proto::{be_u32, be_u64, ChunkHeader, NbdErrno, ReplyHeader, SimpleReply};
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::time::Duration;
 
 /// Largest error chunk payload accepted (the message is at most 4096 bytes).
@@ -24,6 +25,8 @@ pub(crate) enum Sink<'a> {
         out: &'a mut dyn Write,
         buf: &'a mut [u8],
     },
+    /// Data goes into the pipe, in order (holes as zeroes).
+    Pipe(&'a Pipe),
     /// A BLOCK_STATUS reply: the (length, flags) descriptors of context `id`.
     Extents {
         id: u32,
@@ -34,7 +37,7 @@ pub(crate) enum Sink<'a> {
 impl Sink<'_> {
     /// The reply carries READ data.
     fn takes_data(&self) -> bool {
-        matches!(self, Sink::Slice(_) | Sink::Writer { .. })
+        matches!(self, Sink::Slice(_) | Sink::Writer { .. } | Sink::Pipe(_))
     }
 }
 
@@ -65,7 +68,7 @@ impl Failure {
 /// between replies. A timeout before the first byte asks `idle` whether to keep
 /// waiting (nothing is in flight); any other timeout is an error.
 pub(crate) fn read_header(
-    s: &mut dyn Read,
+    s: &mut dyn ReplyInput,
     timeout: Option<Duration>,
     idle: &dyn Fn() -> bool,
 ) -> Result<Option<ReplyHeader>, ClientError> {
@@ -146,7 +149,7 @@ impl ReplyState {
     /// Takes in a simple reply (the whole reply) and its data, if any.
     pub(crate) fn simple(
         &mut self,
-        s: &mut dyn Read,
+        s: &mut dyn ReplyInput,
         r: SimpleReply,
         sink: &mut Sink<'_>,
     ) -> Result<(), ClientError> {
@@ -165,7 +168,7 @@ impl ReplyState {
     /// Takes in one structured reply chunk; returns true when it was the last.
     pub(crate) fn chunk(
         &mut self,
-        s: &mut dyn Read,
+        s: &mut dyn ReplyInput,
         c: ChunkHeader,
         sink: &mut Sink<'_>,
     ) -> Result<bool, ClientError> {
@@ -269,7 +272,7 @@ impl ReplyState {
     /// Moves `n` bytes of data from the socket to the sink at `rel`.
     fn copy_in(
         &mut self,
-        s: &mut dyn Read,
+        s: &mut dyn ReplyInput,
         sink: &mut Sink<'_>,
         rel: u64,
         n: u64,
@@ -282,6 +285,22 @@ impl ReplyState {
             Sink::Slice(b) => {
                 let dst = range_mut(b, rel, n)?;
                 self.read_exact(s, dst)?;
+            }
+            Sink::Pipe(p) => {
+                // Chunks arrive in order (checked by `place`); a failure's
+                // data is read and dropped.
+                let n = usize::try_from(n).map_err(|_| proto("reply length out of range"))?;
+                if deliver {
+                    s.splice_to(p, n).map_err(|e| io_error(e, self.timeout))?;
+                } else {
+                    let mut scratch = vec![0u8; n.min(1 << 20)];
+                    let mut left = n;
+                    while left > 0 {
+                        let k = left.min(scratch.len());
+                        self.read_exact(s, &mut scratch[..k])?;
+                        left -= k;
+                    }
+                }
             }
             Sink::Writer { out, buf } => {
                 if buf.is_empty() && n > 0 {
@@ -314,6 +333,10 @@ impl ReplyState {
                 return Err(proto("hole for a request without data"))
             }
             Sink::Slice(b) => range_mut(b, rel, n)?.fill(0),
+            Sink::Pipe(p) => {
+                let n = usize::try_from(n).map_err(|_| proto("reply length out of range"))?;
+                p.zeroes(n).map_err(ClientError::Output)?;
+            }
             Sink::Writer { out, buf } => {
                 if buf.is_empty() && n > 0 {
                     return Err(ClientError::Invalid("no buffer for read data".into()));
@@ -332,7 +355,7 @@ impl ReplyState {
         Ok(())
     }
 
-    fn read_exact(&self, s: &mut dyn Read, buf: &mut [u8]) -> Result<(), ClientError> {
+    fn read_exact(&self, s: &mut dyn ReplyInput, buf: &mut [u8]) -> Result<(), ClientError> {
         s.read_exact(buf).map_err(|e| io_error(e, self.timeout))
     }
 }

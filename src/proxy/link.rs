@@ -62,6 +62,18 @@ pub struct Pending {
     sent: bool,
 }
 
+impl Pending {
+    /// A request not yet sent.
+    pub fn new(req: Request, payload: Arc<Vec<u8>>, tag: Tag) -> Pending {
+        Pending {
+            req,
+            payload,
+            tag,
+            sent: false,
+        }
+    }
+}
+
 /// The outcome of a request.
 #[derive(Debug)]
 pub enum Outcome {
@@ -84,7 +96,8 @@ impl Outcome {
 /// Where answers to a client's requests go. Answers may be gathered and
 /// go out at [`flush`](Answer::flush).
 pub trait Answer: Send + Sync {
-    fn answer(&self, p: Pending, outcome: Outcome);
+    /// Answers `p`; gives back the READ data buffer of `outcome`, for reuse.
+    fn answer(&self, p: Pending, outcome: Outcome) -> Option<Vec<u8>>;
     /// Sends the answers gathered so far.
     fn flush(&self);
 }
@@ -379,9 +392,12 @@ impl Link {
         Some(p)
     }
 
-    fn answer(&self, p: Pending, outcome: Outcome) {
+    fn answer(&self, p: Pending, outcome: Outcome) -> Option<Vec<u8>> {
         match p.tag {
-            Tag::Barrier(ref b) => b.arrive(matches!(outcome, Outcome::Done(_))),
+            Tag::Barrier(ref b) => {
+                b.arrive(matches!(outcome, Outcome::Done(_)));
+                None
+            }
             Tag::Client { .. } => self.client.answer(p, outcome),
         }
     }
@@ -419,9 +435,13 @@ impl Link {
         loop {
             let r = rx.recv();
             if let Ok(Some(c)) = r {
-                if let Err(why) = self.completed(c) {
-                    self.client.flush();
-                    return why;
+                match self.completed(c) {
+                    Ok(Some(buf)) => rx.recycle(buf),
+                    Ok(None) => {}
+                    Err(why) => {
+                        self.client.flush();
+                        return why;
+                    }
                 }
                 // Answers go out together while more replies are at hand.
                 if !rx.reply_buffered() {
@@ -440,7 +460,7 @@ impl Link {
     /// Answers a completed request. `Err`: the upstream said it is shutting
     /// down (ESHUTDOWN, as a server going away answers what it will not
     /// execute); the request stays pending, to be sent to its successor.
-    fn completed(&self, c: Completion) -> Result<(), String> {
+    fn completed(&self, c: Completion) -> Result<Option<Vec<u8>>, String> {
         if let Err(ClientError::Nbd {
             errno: NbdErrno::Shutdown,
             ..
@@ -449,7 +469,7 @@ impl Link {
             return Err("the upstream is shutting down".into());
         }
         let Some(p) = self.take(c.cookie) else {
-            return Ok(());
+            return Ok(None);
         };
         let outcome = match c.result {
             Ok(()) => {
@@ -462,8 +482,7 @@ impl Link {
             Err(ClientError::Nbd { errno, message }) => Outcome::Failed { errno, message },
             Err(e) => Outcome::error(NbdErrno::Io, e.to_string()),
         };
-        self.answer(p, outcome);
-        Ok(())
+        Ok(self.answer(p, outcome))
     }
 
     /// The upstream connection failed: stop sending on it.
@@ -583,14 +602,20 @@ impl Link {
     /// Takes a new connection into use: sends everything pending again, in
     /// the order it was first sent, then lets new requests through.
     fn install(&self, c: Connection) -> Option<Receiver> {
+        c.large_buffers();
         let cut = c.shutdown_handle();
-        let (mut tx, rx) = match c.into_pipeline(self.up.timeout()) {
+        let (mut tx, mut rx) = match c.into_pipeline(self.up.timeout()) {
             Ok(p) => p,
             Err(e) => {
                 warn!("{}: {e}", self.name);
                 return None;
             }
         };
+        // Large READ data waits in a pipe and goes on to the client by splice.
+        match crate::client::Pipe::new() {
+            Ok(p) => rx.use_pipe(p),
+            Err(e) => debug!("{}: no pipe for READ data ({e}); copying it", self.name),
+        }
         let mut slot = self.sender.lock().unwrap_or_else(|p| p.into_inner());
         *self.cut.lock().unwrap_or_else(|p| p.into_inner()) = Some(cut.clone());
         if self.closing() {

@@ -6,7 +6,7 @@
 
 use super::link::{Answer, Link, Outcome, Pending, Tag};
 use super::upstream::{Upstream, MAX_REQUEST};
-use crate::client::Body;
+use crate::client::{Body, Pipe};
 use crate::proto::reply::{block_status_chunk, error_chunk, none_chunk, offset_data_header};
 use crate::proto::{Command, NbdErrno, Request, SimpleReply};
 use crate::server::handshake::{Negotiated, BASE_ALLOCATION_ID};
@@ -15,6 +15,7 @@ use crate::server::validate::{validate, Op};
 use crate::server::{Client, End, SendLimit};
 use crate::stream::Stream;
 use std::net::Shutdown;
+use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
@@ -43,7 +44,13 @@ struct Replier {
     cache: Mutex<Option<ReadAhead>>,
     /// Answers gathered and not yet sent.
     out: Mutex<Vec<u8>>,
+    /// WRITE payload buffers for reuse.
+    spare: Mutex<Vec<Vec<u8>>>,
 }
+
+/// Payload buffers kept for reuse (large ones only: small ones are cheap).
+const SPARE_BUFFERS: usize = 16;
+const SPARE_MIN: usize = 64 * 1024;
 
 impl Replier {
     /// Adds an answer (its parts in order) to those to send; a large one is
@@ -109,6 +116,41 @@ impl Replier {
         }
     }
 
+    /// A READ's data passed on from the pipe it waits in: the answers
+    /// gathered so far and the header, then the data moved by `splice(2)`.
+    fn piped(&self, req: &Request, pipe: &Pipe, len: usize) {
+        let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
+        if self.gone.load(Relaxed) {
+            pipe.discard();
+            return;
+        }
+        match self.structured {
+            true => out.extend_from_slice(&offset_data_header(
+                req.cookie, req.offset, len as u32, true,
+            )),
+            false => out.extend_from_slice(&SimpleReply::ok(req.cookie).encode()),
+        }
+        let _g = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let deadline = self.send.deadline();
+        let fd = self.conn.as_fd();
+        // On TCP the header waits for the data (MSG_MORE): one segment, not two.
+        let head = match self.conn.is_tcp() {
+            true => crate::stream::send_by(out.len(), deadline, |done| {
+                crate::sys::send_more(fd, &out[done..])
+            }),
+            false => self.conn.send_all(&out, deadline),
+        };
+        let r = head.and_then(|_| pipe.splice_out(fd, len, deadline));
+        out.clear();
+        if let Err(e) = r {
+            pipe.discard();
+            if !self.gone.swap(true, Relaxed) {
+                info!("{}: cannot send to the client: {e}", self.name);
+            }
+            self.conn.shutdown(Shutdown::Both);
+        }
+    }
+
     /// A read answered from the read-ahead, if it lies inside it.
     fn cached(&self, req: &Request) -> bool {
         let g = self.cache.lock().unwrap_or_else(|p| p.into_inner());
@@ -129,6 +171,30 @@ impl Replier {
         true
     }
 
+    /// A buffer for a WRITE payload of `len` bytes (a used one if there is one).
+    fn payload(&self, len: usize) -> Vec<u8> {
+        if len >= SPARE_MIN {
+            let mut spare = self.spare.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(i) = spare.iter().position(|b| b.capacity() >= len) {
+                let mut b = spare.swap_remove(i);
+                // Every byte is then read from the client.
+                b.resize(len, 0);
+                return b;
+            }
+        }
+        vec![0u8; len]
+    }
+
+    /// Takes back an answered WRITE's payload buffer.
+    fn give_back(&self, b: Vec<u8>) {
+        if b.capacity() >= SPARE_MIN {
+            let mut spare = self.spare.lock().unwrap_or_else(|p| p.into_inner());
+            if spare.len() < SPARE_BUFFERS {
+                spare.push(b);
+            }
+        }
+    }
+
     fn forget_cache(&self) {
         *self.cache.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
@@ -142,16 +208,33 @@ impl Answer for Replier {
         }
     }
 
-    fn answer(&self, p: Pending, outcome: Outcome) {
+    fn answer(&self, p: Pending, outcome: Outcome) -> Option<Vec<u8>> {
         let Tag::Client { cookie, readahead } = p.tag else {
-            return;
+            return None;
         };
         let mut req = p.req;
         req.cookie = cookie;
+        if let Ok(payload) = Arc::try_unwrap(p.payload) {
+            self.give_back(payload);
+        }
         match outcome {
             Outcome::Failed { errno, message } => {
                 let msg = message.unwrap_or_else(|| errno.name().to_owned());
                 self.error(&req, errno, &msg);
+            }
+            Outcome::Done(Body::Piped { len, pipe }) if readahead.is_none() => {
+                self.piped(&req, &pipe, len);
+            }
+            Outcome::Done(Body::Piped { len, pipe }) => {
+                let Ok(d) = pipe.read_out(len) else {
+                    pipe.discard();
+                    self.error(&req, NbdErrno::Io, "reading the data from its pipe failed");
+                    return None;
+                };
+                return self.answer(
+                    p_with(req, Arc::new(Vec::new()), cookie, readahead),
+                    Outcome::Done(Body::Data(d)),
+                );
             }
             Outcome::Done(Body::Data(mut d)) => {
                 if let Some((want, generation)) = readahead {
@@ -164,6 +247,7 @@ impl Answer for Replier {
                     });
                 }
                 self.data(&req, &d);
+                return Some(d);
             }
             Outcome::Done(Body::Extents(e)) => {
                 self.send(&[&block_status_chunk(
@@ -181,12 +265,14 @@ impl Answer for Replier {
                 }
             }
         }
+        None
     }
 }
 
 /// Serves one client connection until it disconnects or fails.
 pub fn run(up: Arc<Upstream>, conn: Stream, neg: Negotiated, client: Client<'_>) -> End {
     let name = client.name.to_owned();
+    crate::net::proxy_buffers(conn.as_fd());
     let (rconn, wconn) = match (conn.try_clone(), conn.try_clone()) {
         (Ok(r), Ok(w)) => (r, w),
         (Err(e), _) | (_, Err(e)) => return End::Error(e.to_string()),
@@ -201,6 +287,7 @@ pub fn run(up: Arc<Upstream>, conn: Stream, neg: Negotiated, client: Client<'_>)
         up: up.clone(),
         cache: Mutex::new(None),
         out: Mutex::new(Vec::new()),
+        spare: Mutex::new(Vec::new()),
     });
     let link = match Link::start(up.clone(), replier.clone(), name.clone()) {
         Ok(l) => l,
@@ -262,7 +349,7 @@ fn serve(up: &Upstream, link: &Link, replier: &Replier, rd: &mut Reader, neg: &N
         match op {
             Op::Disc => return End::Disconnect,
             Op::Write { .. } => {
-                payload = vec![0u8; req.length as usize];
+                payload = replier.payload(req.length as usize);
                 if let Err(e) = rd.read_exact(&mut payload) {
                     return read_end(e, replier);
                 }
@@ -333,4 +420,15 @@ fn read_end(e: ReadError, replier: &Replier) -> End {
             End::Error(e.to_string())
         }
     }
+}
+
+/// A pending request for `req` with the client's `cookie` (re-entering
+/// [`Replier::answer`] with its data in memory).
+fn p_with(
+    req: Request,
+    payload: Arc<Vec<u8>>,
+    cookie: u64,
+    readahead: Option<(u32, u64)>,
+) -> Pending {
+    Pending::new(req, payload, Tag::Client { cookie, readahead })
 }

@@ -9,6 +9,7 @@
 
 pub mod fakeupstream;
 pub mod migration;
+pub mod nbdkit;
 pub mod proxy;
 #[allow(unused_imports)]
 pub use migration::*;

@@ -1,0 +1,178 @@
+//! The receiving half's input: replies read through a buffer (one `recv`
+//! takes in many small replies), and READ data moved into a [`Pipe`] with
+//! `splice(2)`, so a proxy can pass it on without copying it through user
+//! memory.
+
+use crate::stream::Stream;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Where reply bytes are read from, and whether READ data can be spliced.
+pub(crate) trait ReplyInput: Read {
+    /// Moves the next `n` bytes into `pipe` (which has room for them).
+    fn splice_to(&mut self, _pipe: &Pipe, _n: usize) -> io::Result<()> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
+}
+
+impl ReplyInput for &Stream {}
+
+/// Replies are read through a buffer this large. Larger reads go straight
+/// to their destination once the buffer is empty.
+const BUF: usize = 64 * 1024;
+
+/// A buffered reader of a stream shared with the sending half.
+#[derive(Debug)]
+pub(crate) struct Input {
+    stream: Arc<Stream>,
+    buf: Box<[u8]>,
+    start: usize,
+    end: usize,
+}
+
+impl Input {
+    pub(crate) fn new(stream: Arc<Stream>) -> Input {
+        Input {
+            stream,
+            buf: vec![0u8; BUF].into_boxed_slice(),
+            start: 0,
+            end: 0,
+        }
+    }
+
+    /// Bytes already read from the socket and not yet taken.
+    pub(crate) fn buffered(&self) -> usize {
+        self.end - self.start
+    }
+}
+
+impl Read for Input {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        if self.start == self.end {
+            if out.len() >= self.buf.len() {
+                return (&*self.stream).read(out);
+            }
+            self.start = 0;
+            self.end = (&*self.stream).read(&mut self.buf)?;
+        }
+        let n = out.len().min(self.end - self.start);
+        out[..n].copy_from_slice(&self.buf[self.start..self.start + n]);
+        self.start += n;
+        Ok(n)
+    }
+}
+
+impl ReplyInput for Input {
+    fn splice_to(&mut self, pipe: &Pipe, n: usize) -> io::Result<()> {
+        let k = n.min(self.end - self.start);
+        if k > 0 {
+            (&pipe.w).write_all(&self.buf[self.start..self.start + k])?;
+            self.start += k;
+            pipe.held.fetch_add(k, Relaxed);
+        }
+        let mut left = n - k;
+        while left > 0 {
+            match crate::sys::splice(self.stream.as_fd(), pipe.w.as_fd(), left, false) {
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(m) => {
+                    left -= m;
+                    pipe.held.fetch_add(m, Relaxed);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A pipe that READ data waits in until it is passed on: kernel pages, not
+/// a copy in user memory. It holds at most [`Pipe::capacity`] bytes.
+#[derive(Debug)]
+pub struct Pipe {
+    r: File,
+    w: File,
+    capacity: usize,
+    held: AtomicUsize,
+}
+
+/// The pipe buffer asked for: the largest READ a proxy forwards.
+const PIPE_WANTED: usize = 32 << 20;
+
+impl Pipe {
+    /// A pipe as large as the kernel allows, up to 32 MiB.
+    pub fn new() -> io::Result<Pipe> {
+        let (r, w) = crate::sys::pipe()?;
+        let capacity = [PIPE_WANTED, 1 << 20]
+            .into_iter()
+            .find_map(|len| crate::sys::set_pipe_size(w.as_fd(), len).ok())
+            .unwrap_or(64 * 1024);
+        Ok(Pipe {
+            r: File::from(r),
+            w: File::from(w),
+            capacity,
+            held: AtomicUsize::new(0),
+        })
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Bytes waiting in the pipe.
+    pub fn held(&self) -> usize {
+        self.held.load(Relaxed)
+    }
+
+    /// Writes `n` zero bytes into the pipe (a hole in READ data).
+    pub(crate) fn zeroes(&self, mut n: usize) -> io::Result<()> {
+        static ZEROES: [u8; 64 * 1024] = [0; 64 * 1024];
+        while n > 0 {
+            let k = n.min(ZEROES.len());
+            (&self.w).write_all(&ZEROES[..k])?;
+            self.held.fetch_add(k, Relaxed);
+            n -= k;
+        }
+        Ok(())
+    }
+
+    /// Moves `n` bytes out to the socket `to` by `deadline` (whose send
+    /// timeout makes each call return to check it).
+    pub fn splice_out(&self, to: BorrowedFd<'_>, n: usize, deadline: Instant) -> io::Result<()> {
+        let r = crate::stream::send_by(n, deadline, |done| {
+            let m = crate::sys::splice(self.r.as_fd(), to, n - done, false)?;
+            self.held.fetch_sub(m, Relaxed);
+            Ok(m)
+        });
+        if r.is_err() {
+            self.discard();
+        }
+        r
+    }
+
+    /// Reads `n` bytes out into memory.
+    pub fn read_out(&self, n: usize) -> io::Result<Vec<u8>> {
+        let mut v = vec![0u8; n];
+        (&self.r).read_exact(&mut v)?;
+        self.held.fetch_sub(n, Relaxed);
+        Ok(v)
+    }
+
+    /// Drops whatever the pipe holds.
+    pub fn discard(&self) {
+        let mut scratch = [0u8; 64 * 1024];
+        while self.held() > 0 {
+            let k = self.held().min(scratch.len());
+            match (&self.r).read(&mut scratch[..k]) {
+                Ok(0) | Err(_) => break,
+                Ok(m) => {
+                    self.held.fetch_sub(m, Relaxed);
+                }
+            }
+        }
+    }
+}
