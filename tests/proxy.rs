@@ -70,6 +70,26 @@ fn no_failure_before(r: &serde_json::Value, t: f64) {
     assert_eq!(r["ok_after_fail"].as_u64(), Some(0), "{}", r["late_ok"]);
 }
 
+/// `flexnbd serve` on `file` with control socket `sock`, on `port` when
+/// given (a restart takes the old server's port), old-style if asked.
+fn upstream(file: &Path, sock: &Path, port: Option<u16>, oldstyle: bool) -> Server {
+    let mut d = Daemon::serve(file, sock);
+    if let Some(p) = port {
+        d = d.port(p);
+    }
+    if oldstyle {
+        d = d.arg("--oldstyle");
+    }
+    d.start()
+}
+
+/// SIGKILLs the server and waits for it to be gone.
+#[track_caller]
+fn kill(up: &mut Server) {
+    up.signal(SIGKILL);
+    assert!(up.wait_exit(Duration::from_secs(10)).is_some());
+}
+
 fn block_of(file: &Path) -> impl FnMut(u64) -> Vec<u8> + '_ {
     move |b| read_file_at(file, b * 4096, 4096)
 }
@@ -180,11 +200,7 @@ fn kill_and_restart(oldstyle: bool) {
     let file = dir.path().join("img");
     create_sparse_file(&file, 64 * MIB);
     let sock = dir.path().join("up.sock");
-    let mut d = Daemon::serve(&file, &sock);
-    if oldstyle {
-        d = d.arg("--oldstyle");
-    }
-    let mut up = d.start();
+    let mut up = upstream(&file, &sock, None, oldstyle);
     let port = up.port.unwrap();
     let p = Daemon::proxy(&dir.path().join("p.sock"), &up)
         .args(&QUICK_RETRY)
@@ -204,11 +220,7 @@ fn kill_and_restart(oldstyle: bool) {
         let before = attempts(&p);
         up.signal(sig);
         assert!(up.wait_exit(Duration::from_secs(10)).is_some());
-        let mut d = Daemon::serve(&file, &sock).port(port);
-        if oldstyle {
-            d = d.arg("--oldstyle");
-        }
-        up = d.start();
+        up = upstream(&file, &sock, Some(port), oldstyle);
         wait_reconnected(&p, before);
     }
     // Let it write through the restarted server for a moment, then end it.
@@ -249,29 +261,10 @@ fn migration_setup(size: u64) -> Migration {
 
 /// [`migration_setup`], with both servers old-style when `oldstyle`.
 fn migration_setup_styled(size: u64, oldstyle: bool) -> Migration {
-    let src = match oldstyle {
-        false => source(size, 21),
-        true => {
-            let dir = tempdir();
-            let file = dir.path().join("src.img");
-            create_random_file(&file, size, 21);
-            let srv = Daemon::serve(&file, &dir.path().join("src.sock"))
-                .arg("--oldstyle")
-                .env("FLEXNBD_MS_REQUEST_LIMIT_SECS", SOURCE_REQUEST_LIMIT)
-                .start();
-            Source {
-                _dir: dir,
-                file,
-                srv,
-            }
-        }
-    };
+    let style: &[&str] = if oldstyle { &["--oldstyle"] } else { &[] };
+    let src = source_with(size, 21, style);
     let port = src.srv.port.unwrap().to_string();
-    let mut extra = vec!["--rebind-port", &port];
-    if oldstyle {
-        extra.push("--oldstyle");
-    }
-    let dst = listener(size, &extra);
+    let dst = listener(size, &[&["--rebind-port", &port], style].concat());
     let proxy = Daemon::proxy(&src._dir.path().join("p.sock"), &src.srv)
         .args(&QUICK_RETRY)
         .env("FLEXNBD_UPSTREAM_TIMEOUT", "5")
@@ -385,7 +378,7 @@ fn retries_exhausted_then_a_new_round() {
     let file = dir.path().join("img");
     create_random_file(&file, 8 * MIB, 3);
     let sock = dir.path().join("up.sock");
-    let mut up = Daemon::serve(&file, &sock).start();
+    let mut up = upstream(&file, &sock, None, false);
     let port = up.port.unwrap();
     let p = Daemon::proxy(&dir.path().join("p.sock"), &up)
         .args(&[
@@ -431,8 +424,7 @@ print(json.dumps(res))
         .path()
         .join("connected")
         .exists()));
-    up.signal(SIGKILL);
-    assert!(up.wait_exit(Duration::from_secs(10)).is_some());
+    kill(&mut up);
     std::fs::File::create(dir.path().join("killed")).unwrap();
     assert!(
         wait_until(Duration::from_secs(20), || dir
@@ -444,7 +436,7 @@ print(json.dumps(res))
     );
     assert!(p.stderr().contains("gave up"), "{}", p.stderr());
     assert_eq!(proxy_status(&p)["upstream"], "failed");
-    let _up = Daemon::serve(&file, &sock).port(port).start();
+    let _up = upstream(&file, &sock, Some(port), false);
     std::fs::File::create(dir.path().join("restarted")).unwrap();
     assert!(
         bg.wait(Duration::from_secs(30))
@@ -474,7 +466,7 @@ fn read_only_fallback_after_a_failure() {
     let file = dir.path().join("img");
     create_random_file(&file, 8 * MIB, 4);
     let sock = dir.path().join("up.sock");
-    let mut up = Daemon::serve(&file, &sock).start();
+    let mut up = upstream(&file, &sock, None, false);
     let port = up.port.unwrap();
     let p = Daemon::proxy(&dir.path().join("p.sock"), &up)
         .args(&QUICK_RETRY)
@@ -507,9 +499,8 @@ print(json.dumps(res))
         .join("wrote")
         .exists()));
     let before = read_file_at(&file, 8192, 4096);
-    up.signal(SIGKILL);
-    assert!(up.wait_exit(Duration::from_secs(10)).is_some());
-    let _up = Daemon::serve(&file, &sock).port(port).start();
+    kill(&mut up);
+    let _up = upstream(&file, &sock, Some(port), false);
     std::fs::File::create(dir.path().join("restarted")).unwrap();
     assert!(
         bg.wait(Duration::from_secs(30))

@@ -11,7 +11,7 @@ use crate::client::{Cancel, ClientError, ConnectOptions, Connection, ExportInfo 
 use crate::control::ProxyStatus;
 use crate::proto::consts::*;
 use crate::proto::{Command, Request};
-use crate::server::handshake::{ExportInfo, Negotiated};
+use crate::server::handshake::{ExportInfo, Negotiated, LOCAL_CAPS};
 use crate::server::{Backend, Client, End};
 use crate::stream::Stream;
 use std::collections::HashMap;
@@ -277,16 +277,6 @@ fn connect(
     Connection::connect(&set.endpoint, &opts)
 }
 
-/// The transmission flags the proxy can pass on (the others it drops).
-const FORWARDED: u16 = FLAG_SEND_FLUSH
-    | FLAG_SEND_FUA
-    | FLAG_CAN_MULTI_CONN
-    | FLAG_SEND_CACHE
-    | FLAG_SEND_TRIM
-    | FLAG_SEND_WRITE_ZEROES
-    | FLAG_SEND_FAST_ZERO
-    | FLAG_SEND_DF;
-
 impl Backend for Upstream {
     fn info(&self, oldstyle: bool) -> ExportInfo {
         let f = if self.info.flags & FLAG_HAS_FLAGS != 0 {
@@ -294,7 +284,8 @@ impl Backend for Upstream {
         } else {
             0
         };
-        let mut caps = f & FORWARDED;
+        // What the server side implements is all the proxy can pass on.
+        let mut caps = f & LOCAL_CAPS;
         match (self.emulate, self.set.multi_conn) {
             (true, _) => caps |= FLAG_CAN_MULTI_CONN,
             (false, MultiConn::Disable) => caps &= !FLAG_CAN_MULTI_CONN,

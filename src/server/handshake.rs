@@ -21,7 +21,8 @@ pub const MAX_PAYLOAD: u32 = 32 << 20;
 /// Option data beyond this is discarded and refused; far beyond it the client is dropped.
 const MAX_DISCARD: u32 = 16 << 20;
 
-/// Every optional transmission flag a local image supports.
+/// Every optional transmission flag the server implements (all of them
+/// for a local image; the proxy passes on those of its upstream's).
 pub const LOCAL_CAPS: u16 = FLAG_SEND_FLUSH
     | FLAG_SEND_FUA
     | FLAG_CAN_MULTI_CONN

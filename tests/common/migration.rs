@@ -19,10 +19,16 @@ pub struct Source {
 /// `flexnbd serve` on a random image of `size` bytes (from `seed`), with
 /// [`SOURCE_REQUEST_LIMIT`].
 pub fn source(size: u64, seed: u64) -> Source {
+    source_with(size, seed, &[])
+}
+
+/// [`source`] with `extra` arguments for the server.
+pub fn source_with(size: u64, seed: u64, extra: &[&str]) -> Source {
     let dir = tempdir();
     let file = dir.path().join("src.img");
     create_random_file(&file, size, seed);
     let srv = Daemon::serve(&file, &dir.path().join("src.sock"))
+        .args(extra)
         .env("FLEXNBD_MS_REQUEST_LIMIT_SECS", SOURCE_REQUEST_LIMIT)
         .start();
     Source {
