@@ -42,6 +42,15 @@ pub enum Endpoint {
 }
 
 impl Endpoint {
+    /// The name a TLS server here must have a certificate for, unless
+    /// another is given: the IP address, or `localhost` for a unix socket.
+    pub fn tls_host(&self) -> String {
+        match self {
+            Endpoint::Tcp(a) => a.ip().to_string(),
+            Endpoint::Unix(_) => "localhost".into(),
+        }
+    }
+
     /// `--addr` and `--port` together: an address containing `/` is a unix socket path.
     pub fn from_addr_port(addr: &str, port: Option<&str>) -> Result<Endpoint, AddrError> {
         if addr.contains('/') {

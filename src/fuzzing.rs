@@ -29,7 +29,6 @@ use crate::proto::reply::{parse_error_payload, truncate_utf8};
 use crate::proto::{
     ClientFlags, Command, Greeting, OptionHeader, OptionReplyHeader, ReplyHeader, Request,
 };
-use crate::server::conn::Deadline;
 use crate::server::handshake::{negotiate, transmission_flags, ExportInfo, Negotiated};
 use crate::server::validate::{validate, Op, MAX_DF_READ, MAX_REQUEST};
 use crate::stream::Stream;
@@ -76,8 +75,14 @@ pub fn server_handshake(data: &[u8]) {
             let _ = client.shutdown(Shutdown::Write);
         });
         let reader = s.spawn(|| drain(&client, None));
-        let deadline = Deadline::new(&conn, Instant::now() + PEER_LIMIT);
-        if let Ok(neg) = negotiate(&deadline, &info, &shutting_down) {
+        let mut conn = conn;
+        if let Ok(neg) = negotiate(
+            &mut conn,
+            Instant::now() + PEER_LIMIT,
+            &info,
+            None,
+            &shutting_down,
+        ) {
             assert_eq!(neg.flags, transmission_flags(&info, neg.structured));
             assert!(!neg.base_allocation || neg.structured, "{neg:?}");
             assert!(!info.oldstyle || !neg.structured, "{neg:?}");
@@ -242,6 +247,7 @@ impl Handler for FakeDaemon {
             has_control: true,
             pause: None,
             proxy: None,
+            tls: None,
             migration: Some(MigrationStatus {
                 speed: 1000,
                 duration: 3,

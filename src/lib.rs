@@ -73,4 +73,5 @@ pub mod server;
 pub mod storage;
 pub mod stream;
 pub mod sys;
+pub mod tls;
 pub mod wait;

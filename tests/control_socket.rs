@@ -33,6 +33,7 @@ impl Handler for Fake {
             has_control: true,
             pause: None,
             proxy: None,
+            tls: None,
             migration: self.migrating.then_some(MigrationStatus {
                 speed: 1000,
                 duration: 5,

@@ -40,6 +40,18 @@ pub struct Args {
     /// Keep running with a progress display until the migration ends; exit 0 only on success.
     #[arg(short = 'w', long)]
     pub wait: bool,
+    /// Migrate over TLS. The directory (default: the server's own
+    /// --tls-certificates) holds the ca-cert.pem that signed the
+    /// destination's certificate, and client-cert.pem and client-key.pem
+    /// when the destination checks who is sending.
+    #[arg(long)]
+    pub tls: bool,
+    /// The certificate directory, as the server sees it.
+    #[arg(long, value_name = "DIR", requires = "tls")]
+    pub tls_certificates: Option<PathBuf>,
+    /// The name the destination's certificate must carry (default: ADDR).
+    #[arg(long, value_name = "NAME", requires = "tls")]
+    pub tls_hostname: Option<String>,
     #[command(flatten)]
     pub global: Global,
 }
@@ -63,6 +75,18 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         // The outcome comes as a second line on this connection, before
         // the server exits at a hand-over.
         lines.push("wait".into());
+    }
+    // TLS lines come last (after the positional ones).
+    if args.tls {
+        lines.push("tls".into());
+        if let Some(d) = &args.tls_certificates {
+            // The server may run elsewhere in the tree: it gets an absolute path.
+            let d = std::path::absolute(d).unwrap_or_else(|_| d.clone());
+            lines.push(format!("tls-certificates={}", d.display()));
+        }
+        if let Some(h) = &args.tls_hostname {
+            lines.push(format!("tls-hostname={h}"));
+        }
     }
     let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
     let mut conv = Conversation::open(&args.sock, &refs, Instant::now() + START_TIMEOUT)?;

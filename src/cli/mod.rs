@@ -13,6 +13,7 @@ pub mod proxy;
 pub mod read;
 pub mod serve;
 pub mod status;
+pub mod tls;
 pub mod write;
 
 /// flexnbd - a fast NBD server with live migration.

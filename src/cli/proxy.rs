@@ -2,6 +2,7 @@
 //! upstream NBD server, riding out its restarts and migrations.
 
 use super::serve::{clients_arg, ip_arg, port_arg, seconds_arg};
+use super::tls::ServerTlsArgs;
 use super::Global;
 use crate::addr::Endpoint;
 use crate::proxy::{Config, MultiConn, Retry, Settings, TrackDirty, UPSTREAM_TIMEOUT};
@@ -82,6 +83,18 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value_t = crate::server::MAX_CLIENTS,
           value_parser = clients_arg)]
     pub max_clients: usize,
+    #[command(flatten)]
+    pub tls: ServerTlsArgs,
+    /// Connect to the upstream with TLS (NBD_OPT_STARTTLS).
+    #[arg(long)]
+    pub conn_tls: bool,
+    /// The directory with the CA that signed the upstream's certificate
+    /// (ca-cert.pem) and this proxy's client-cert.pem and client-key.pem.
+    #[arg(long, value_name = "DIR")]
+    pub conn_tls_certificates: Option<PathBuf>,
+    /// The name the upstream's certificate must carry (default: its address).
+    #[arg(long, value_name = "NAME")]
+    pub conn_tls_hostname: Option<String>,
     #[command(flatten)]
     pub global: Global,
     /// Access control list entries: IP or IP/prefix, IPv4 or IPv6.
@@ -170,12 +183,19 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             multi_conn: args.multi_conn,
             track_dirty: args.multi_conn_track_dirty,
             cache: args.cache.unwrap_or(0),
+            tls: super::tls::client_tls(
+                args.conn_tls,
+                args.conn_tls_certificates.as_deref(),
+                args.conn_tls_hostname.as_deref(),
+                "--conn-tls",
+            )?,
         },
         sock: args.sock,
         acl: args.acl,
         default_deny: args.default_deny,
         handshake_timeout: args.handshake_timeout,
         max_clients: args.max_clients,
+        tls: args.tls.load()?,
         send_timeout: crate::daemon::env_secs(
             "FLEXNBD_SEND_TIMEOUT_SECS",
             crate::server::SEND_TIMEOUT,

@@ -1,6 +1,7 @@
 //! `flexnbd read`: read bytes from an NBD server to stdout in one request.
 
 use super::serve::{ip_arg, port_arg, seconds_arg};
+use super::tls::ClientTlsArgs;
 use super::Global;
 use crate::addr::Endpoint;
 use crate::client::{ConnectOptions, Connection};
@@ -36,6 +37,8 @@ pub struct Args {
     #[command(flatten)]
     pub timeouts: Timeouts,
     #[command(flatten)]
+    pub tls: ClientTlsArgs,
+    #[command(flatten)]
     pub global: Global,
 }
 
@@ -55,7 +58,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     args.global.apply();
     check_limits(args.from, args.size)?;
     let endpoint = endpoint(&args.addr, args.port)?;
-    let mut conn = connect(&endpoint, args.bind, args.timeouts)?;
+    let mut conn = connect(&endpoint, args.bind, args.timeouts, &args.tls)?;
     if args.size > 0 {
         let mut out = std::fs::File::from(
             std::io::stdout()
@@ -95,9 +98,11 @@ pub(crate) fn connect(
     endpoint: &Endpoint,
     bind: Option<IpAddr>,
     t: Timeouts,
+    tls: &ClientTlsArgs,
 ) -> anyhow::Result<Connection> {
     let opts = ConnectOptions {
         bind,
+        tls: tls.load()?,
         connect_timeout: t.connect_timeout,
         greeting_timeout: t.reply_timeout,
         request_timeout: Some(t.reply_timeout),

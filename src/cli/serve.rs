@@ -1,5 +1,6 @@
 //! `flexnbd serve`: serve a file over NBD until signalled or migrated away.
 
+use super::tls::ServerTlsArgs;
 use super::Global;
 use crate::addr::{parse_ip, parse_port, Endpoint};
 use crate::daemon::{Config, Mode, Rebind};
@@ -46,6 +47,8 @@ pub struct ServeOpts {
     #[arg(long, value_name = "N", default_value_t = crate::server::MAX_CLIENTS,
           value_parser = clients_arg)]
     pub max_clients: usize,
+    #[command(flatten)]
+    pub tls: ServerTlsArgs,
     #[command(flatten)]
     pub global: Global,
     /// Access control list entries: IP or IP/prefix, IPv4 or IPv6.
@@ -130,6 +133,7 @@ impl ServeOpts {
             max_clients: self.max_clients,
             rebind,
             pause_control: self.pause_control.clone(),
+            tls: self.tls.load()?,
         })
     }
 }

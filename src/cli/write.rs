@@ -2,6 +2,7 @@
 
 use super::read::{check_limits, connect, endpoint, Timeouts};
 use super::serve::{ip_arg, port_arg};
+use super::tls::ClientTlsArgs;
 use super::Global;
 use anyhow::Context;
 use std::net::IpAddr;
@@ -29,6 +30,8 @@ pub struct Args {
     #[command(flatten)]
     pub timeouts: Timeouts,
     #[command(flatten)]
+    pub tls: ClientTlsArgs,
+    #[command(flatten)]
     pub global: Global,
 }
 
@@ -36,7 +39,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     args.global.apply();
     check_limits(args.from, args.size)?;
     let endpoint = endpoint(&args.addr, args.port)?;
-    let mut conn = connect(&endpoint, args.bind, args.timeouts)?;
+    let mut conn = connect(&endpoint, args.bind, args.timeouts, &args.tls)?;
     if args.size > 0 {
         let mut input = std::fs::File::from(
             std::io::stdin()

@@ -38,7 +38,7 @@ impl Connection {
     /// Connects to `endpoint` and negotiates the export.
     pub fn connect(endpoint: &Endpoint, opts: &ConnectOptions) -> Result<Connection, ClientError> {
         let stream = transport::connect(endpoint, opts)?;
-        let r = Connection::establish(stream, opts);
+        let r = Connection::establish(stream, opts, &endpoint.tls_host());
         match &opts.cancel {
             Some(c) if c.finish() => Err(ClientError::Cancelled),
             _ => r,
@@ -47,10 +47,11 @@ impl Connection {
 
     /// Negotiates the export on an already connected socket.
     pub(crate) fn establish(
-        stream: Stream,
+        mut stream: Stream,
         opts: &ConnectOptions,
+        host: &str,
     ) -> Result<Connection, ClientError> {
-        let info = negotiate(&stream, opts)?;
+        let info = negotiate(&mut stream, opts, host)?;
         Ok(Connection {
             stream: Arc::new(stream),
             info,
@@ -88,8 +89,7 @@ impl Connection {
     /// Gives the socket large buffers ([`crate::net::proxy_buffers`]), for a
     /// connection that data streams through.
     pub fn large_buffers(&self) {
-        use std::os::fd::AsFd;
-        crate::net::proxy_buffers(self.stream.as_fd());
+        crate::net::proxy_buffers(self.stream.socket_fd());
     }
 
     /// A handle that shuts this connection down from another thread.
@@ -276,7 +276,7 @@ impl Connection {
         } else {
             w.write_all(&header).and_then(|_| w.write_all(payload))
         };
-        r.map_err(|e| {
+        r.and_then(|_| w.flush()).map_err(|e| {
             self.fail();
             io_error(e, self.request_timeout)
         })
@@ -307,7 +307,7 @@ impl Connection {
                 .map_err(|e| io_error(e, self.request_timeout))?;
             sent += n as u64;
         }
-        Ok(())
+        w.flush().map_err(|e| io_error(e, self.request_timeout))
     }
 
     /// After the server stopped taking a payload: its error reply, if it sent one.

@@ -127,7 +127,7 @@ where
     T: Send + 'static,
 {
     let (c, t) = spawn(script);
-    (Connection::establish(c, opts), t)
+    (Connection::establish(c, opts, "localhost"), t)
 }
 
 /// Options with short timeouts so failing tests end quickly.

@@ -75,8 +75,11 @@ impl ReplyInput for Input {
             pipe.held.fetch_add(k, Relaxed);
         }
         let mut left = n - k;
+        let Some(from) = self.stream.plain_fd() else {
+            return Err(io::ErrorKind::Unsupported.into());
+        };
         while left > 0 {
-            match crate::sys::splice(self.stream.as_fd(), pipe.w.as_fd(), left, false) {
+            match crate::sys::splice(from, pipe.w.as_fd(), left, false) {
                 Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
                 Ok(m) => {
                     left -= m;

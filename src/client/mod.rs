@@ -102,6 +102,9 @@ pub enum ClientError {
     /// The attempt was abandoned through its [`Cancel`].
     #[error("connection attempt cancelled")]
     Cancelled,
+    /// TLS could not be set up (refused, certificate not trusted, ...).
+    #[error("TLS: {0}")]
+    Tls(String),
     /// The request cannot be sent (too long, not supported by the export, connection
     /// already failed).
     #[error("invalid request: {0}")]
@@ -137,6 +140,8 @@ pub struct ConnectOptions {
     pub migration: bool,
     /// Lets another thread abandon the connect and handshake.
     pub cancel: Option<std::sync::Arc<Cancel>>,
+    /// Upgrade to TLS with NBD_OPT_STARTTLS before anything else.
+    pub tls: Option<std::sync::Arc<crate::tls::ClientTls>>,
 }
 
 impl Default for ConnectOptions {
@@ -151,6 +156,7 @@ impl Default for ConnectOptions {
             request_timeout: None,
             migration: false,
             cancel: None,
+            tls: None,
         }
     }
 }

@@ -17,7 +17,14 @@ const MAX_REPLIES_PER_OPTION: usize = 64;
 
 /// Runs the handshake on a freshly opened socket and leaves it in the
 /// transmission phase, with the socket timeouts set to `opts.request_timeout`.
-pub(crate) fn negotiate(s: &Stream, opts: &ConnectOptions) -> Result<ExportInfo, ClientError> {
+/// With `opts.tls`, NBD_OPT_STARTTLS comes first and `s` becomes a TLS
+/// stream; `host` is the name the server's certificate must carry unless
+/// another was configured.
+pub(crate) fn negotiate(
+    s: &mut Stream,
+    opts: &ConnectOptions,
+    host: &str,
+) -> Result<ExportInfo, ClientError> {
     if opts.export_name.len() > MAX_STRING_LEN || opts.export_name.contains('\0') {
         return Err(ClientError::Invalid(
             "export name too long or has a NUL".into(),
@@ -29,8 +36,14 @@ pub(crate) fn negotiate(s: &Stream, opts: &ConnectOptions) -> Result<ExportInfo,
     let mut h = Haggle {
         s,
         timeout: opts.greeting_timeout,
+        host,
     };
     let info = match h.greeting()? {
+        Greeting::Oldstyle { .. } if opts.tls.is_some() => {
+            return Err(ClientError::Tls(
+                "the server greeted old-style, which has no TLS".into(),
+            ))
+        }
         Greeting::Oldstyle { size, flags } => ExportInfo {
             size,
             // The high half of the old-style flags field is reserved.
@@ -42,6 +55,7 @@ pub(crate) fn negotiate(s: &Stream, opts: &ConnectOptions) -> Result<ExportInfo,
         },
         Greeting::Newstyle { flags } => h.newstyle(flags, opts)?,
     };
+    let s = &*h.s;
     s.set_read_timeout(opts.request_timeout)
         .and_then(|_| s.set_write_timeout(opts.request_timeout))
         .map_err(ClientError::Io)?;
@@ -49,8 +63,9 @@ pub(crate) fn negotiate(s: &Stream, opts: &ConnectOptions) -> Result<ExportInfo,
 }
 
 struct Haggle<'a> {
-    s: &'a Stream,
+    s: &'a mut Stream,
     timeout: Duration,
+    host: &'a str,
 }
 
 impl Haggle<'_> {
@@ -74,7 +89,7 @@ impl Haggle<'_> {
 
     /// Reads greeting bytes: a close (or reset) here means the server turned us away.
     fn greeting_bytes(&mut self, buf: &mut [u8]) -> Result<(), ClientError> {
-        let mut r = self.s;
+        let mut r = &*self.s;
         r.read_exact(buf).map_err(|e| match e.kind() {
             io::ErrorKind::UnexpectedEof
             | io::ErrorKind::ConnectionReset
@@ -96,6 +111,14 @@ impl Haggle<'_> {
         };
         self.send(&cflags.encode(), "client flags")?;
         let name = opts.export_name.as_str();
+        if let Some(tls) = &opts.tls {
+            if !fixed {
+                return Err(ClientError::Tls(
+                    "the server is not fixed newstyle, so it has no STARTTLS".into(),
+                ));
+            }
+            self.start_tls(tls)?;
+        }
         if !fixed {
             // A plain newstyle server may drop the connection on any other option.
             return self.export_name(name, no_zeroes, false);
@@ -142,6 +165,30 @@ impl Haggle<'_> {
         Err(ClientError::Protocol(
             "too many replies to NBD_OPT_SET_META_CONTEXT".into(),
         ))
+    }
+
+    /// NBD_OPT_STARTTLS, then the TLS handshake on the same socket.
+    fn start_tls(&mut self, tls: &crate::tls::ClientTls) -> Result<(), ClientError> {
+        let req = OptionHeader::encode_with(OPT_STARTTLS, &[]);
+        self.send(&req, "NBD_OPT_STARTTLS")?;
+        let (h, payload) = self.option_reply(OPT_STARTTLS)?;
+        match h.reply_type {
+            REP_ACK => {}
+            t if h.is_error() => {
+                return Err(ClientError::OptionRefused {
+                    option: "NBD_OPT_STARTTLS",
+                    reply: rep_name(t),
+                    message: error_message(&payload),
+                })
+            }
+            t => return Err(unexpected(t, OPT_STARTTLS)),
+        }
+        let plain = self.s.try_clone().map_err(ClientError::Io)?;
+        let at = std::time::Instant::now() + self.timeout;
+        *self.s = tls
+            .connect(plain, self.host, at)
+            .map_err(|e| ClientError::Tls(e.to_string()))?;
+        Ok(())
     }
 
     fn structured_replies(&mut self) -> Result<bool, ClientError> {
@@ -259,13 +306,15 @@ impl Haggle<'_> {
     }
 
     fn read_exact(&mut self, buf: &mut [u8], during: &str) -> Result<(), ClientError> {
-        let mut r = self.s;
+        let mut r = &*self.s;
         r.read_exact(buf).map_err(|e| self.map(e, during))
     }
 
     fn send(&mut self, buf: &[u8], what: &str) -> Result<(), ClientError> {
-        let mut w = self.s;
-        w.write_all(buf).map_err(|e| self.map(e, what))
+        let mut w = &*self.s;
+        w.write_all(buf)
+            .and_then(|_| w.flush())
+            .map_err(|e| self.map(e, what))
     }
 
     fn map(&self, e: io::Error, during: &str) -> ClientError {

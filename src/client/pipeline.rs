@@ -272,7 +272,7 @@ impl Sender {
             return Ok(());
         }
         let mut w = &*self.stream;
-        let r = w.write_all(&self.queued);
+        let r = w.write_all(&self.queued).and_then(|_| w.flush());
         self.queued.clear();
         r.map_err(|e| io_error(e, Some(self.timeout)))
     }
@@ -284,6 +284,7 @@ impl Sender {
         let header = Request::new(Command::Disc, 0, 0, 0, 0).encode();
         let mut w = &*self.stream;
         w.write_all(&header)
+            .and_then(|_| w.flush())
             .map_err(|e| io_error(e, Some(self.timeout)))?;
         self.stream.shutdown(Shutdown::Write);
         Ok(())
@@ -323,7 +324,8 @@ impl Sender {
         } else {
             w.write_all(&header).and_then(|_| w.write_all(payload))
         };
-        r.map_err(|e| io_error(e, Some(self.timeout)))
+        r.and_then(|_| w.flush())
+            .map_err(|e| io_error(e, Some(self.timeout)))
     }
 }
 

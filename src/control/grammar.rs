@@ -7,6 +7,8 @@
 //!   or `forever`), and a seventh, `wait`: the reply `0: Mirror started` is
 //!   then followed, on the same connection, by a second line with the outcome
 //!   (as `mirror_wait` gives), sent before the server exits at a hand-over.
+//!   After those, `tls` migrates over TLS, optionally followed by
+//!   `tls-certificates=DIR` and `tls-hostname=NAME`.
 //! - An empty line cannot be an argument (it ends the request), so "no bind address"
 //!   is spelled as an unspecified address (`0`, `0.0.0.0`, `::`) in the BIND position.
 //! - A MAX_BPS of `0` in `mirror` means "no limit". `mirror_max_bps` passes its value
@@ -15,10 +17,11 @@
 //! - Arguments are checked before the daemon is asked anything, so `mirror_max_bps`
 //!   with a bad argument reports the argument even when no migration is running.
 
-use super::{Handler, MirrorAction, MirrorRequest, PauseRequest, Reply, Status};
+use super::{Handler, MirrorAction, MirrorRequest, MirrorTls, PauseRequest, Reply, Status};
 use crate::acl::AclEntry;
 use crate::addr::{parse_ip, parse_port};
 use serde_json::{Map, Number, Value};
+use std::borrow::Cow;
 use std::fmt;
 use std::net::SocketAddr;
 use std::str::FromStr;
@@ -75,6 +78,10 @@ pub enum CommandError {
     RetriesUnparsable,
     #[error("unrecognised parameters to mirror")]
     MirrorTooManyParameters,
+    #[error(
+        "mirror TLS lines: tls, then at most one tls-certificates=DIR and one tls-hostname=NAME"
+    )]
+    BadMirrorTls,
     #[error("mirror_max_bps takes exactly one parameter")]
     MaxBpsParameterCount,
     #[error("{0} takes no parameters")]
@@ -148,7 +155,15 @@ pub fn parse<S: AsRef<str>>(lines: &[S]) -> Result<Command, CommandError> {
 /// checked in the order the C server checks them (the count of extra lines
 /// last). RETRIES is a number or `forever`; `wait` asks for a second reply
 /// line with the outcome.
-fn parse_mirror(args: &[&str]) -> Result<MirrorRequest, CommandError> {
+fn parse_mirror(all: &[&str]) -> Result<MirrorRequest, CommandError> {
+    // TLS lines (`tls`, `tls-certificates=DIR`, `tls-hostname=NAME`) may
+    // follow the positional ones.
+    let (args, tls_lines): (Vec<&str>, Vec<&str>) = match all.iter().position(|a| is_tls_line(a)) {
+        Some(i) if i >= 2 => (all[..i].to_vec(), all[i..].to_vec()),
+        _ => (all.to_vec(), Vec::new()),
+    };
+    let tls = parse_mirror_tls(&tls_lines)?;
+    let args = args.as_slice();
     if args.len() < 2 {
         return Err(CommandError::MirrorTooFewParameters);
     }
@@ -187,7 +202,40 @@ fn parse_mirror(args: &[&str]) -> Result<MirrorRequest, CommandError> {
         max_bps: max_bps.filter(|n| *n != 0),
         retries,
         wait,
+        tls,
     })
+}
+
+fn is_tls_line(a: &str) -> bool {
+    a == "tls" || a.starts_with("tls-certificates=") || a.starts_with("tls-hostname=")
+}
+
+/// The TLS lines of `mirror`: `tls` turns TLS on, the others refine it.
+fn parse_mirror_tls(lines: &[&str]) -> Result<Option<MirrorTls>, CommandError> {
+    let mut t = MirrorTls::default();
+    let mut on = false;
+    for l in lines {
+        if *l == "tls" && !on {
+            on = true;
+        } else if let Some(d) = l.strip_prefix("tls-certificates=") {
+            if d.is_empty() || t.certificates.is_some() {
+                return Err(CommandError::BadMirrorTls);
+            }
+            t.certificates = Some(d.into());
+        } else if let Some(h) = l.strip_prefix("tls-hostname=") {
+            if h.is_empty() || t.hostname.is_some() {
+                return Err(CommandError::BadMirrorTls);
+            }
+            t.hostname = Some(h.into());
+        } else {
+            return Err(CommandError::BadMirrorTls);
+        }
+    }
+    match (on, lines.is_empty()) {
+        (true, _) => Ok(Some(t)),
+        (false, true) => Ok(None),
+        (false, false) => Err(CommandError::BadMirrorTls),
+    }
 }
 
 /// The default lease of a pause.
@@ -267,7 +315,7 @@ pub fn run(cmd: Command, h: &dyn Handler) -> Reply {
 }
 
 /// The `status` pairs in wire order.
-pub fn status_pairs(s: &Status) -> Vec<(&'static str, String)> {
+pub fn status_pairs(s: &Status) -> Vec<(Cow<'static, str>, String)> {
     let mut v = vec![
         ("pid", s.pid.to_string()),
         ("size", s.size.to_string()),
@@ -282,35 +330,52 @@ pub fn status_pairs(s: &Status) -> Vec<(&'static str, String)> {
         v.push(("pause_holds", p.holds.to_string()));
         v.push(("queued_requests", p.queued_requests.to_string()));
     }
+    if let Some(t) = &s.tls {
+        v.push(("tls", t.mode.to_string()));
+        v.push(("tls_verify_peer", t.verify_peer.to_string()));
+        let on = t.clients.iter().filter(|(_, c)| c.is_some()).count();
+        v.push(("tls_clients", on.to_string()));
+    }
+    let mut v: Vec<(Cow<'static, str>, String)> =
+        v.into_iter().map(|(k, x)| (Cow::Borrowed(k), x)).collect();
+    for (id, c) in s.tls.iter().flat_map(|t| &t.clients) {
+        let version = c.as_ref().map_or("none", |(v, _)| v.as_str());
+        v.push((format!("client_{id}_tls").into(), version.to_owned()));
+        if let Some((_, Some(subject))) = c {
+            v.push((format!("client_{id}_subject").into(), escape_value(subject)));
+        }
+    }
+    let mut push = |k: &'static str, x: String| v.push((Cow::Borrowed(k), x));
     if let Some(p) = &s.proxy {
-        v.push(("upstream_address", escape_value(&p.upstream_address)));
-        v.push(("upstream", p.upstream.to_string()));
-        v.push(("upstream_attempts", p.attempts.to_string()));
-        v.push(("requests_resent", p.requests_resent.to_string()));
-        v.push(("in_flight", p.in_flight.to_string()));
+        push("upstream_address", escape_value(&p.upstream_address));
+        push("upstream", p.upstream.to_string());
+        push("upstream_attempts", p.attempts.to_string());
+        push("requests_resent", p.requests_resent.to_string());
+        push("in_flight", p.in_flight.to_string());
         if let Some(e) = &p.last_error {
-            v.push(("upstream_last_error", escape_value(e)));
+            push("upstream_last_error", escape_value(e));
         }
     }
     if let Some(m) = &s.migration {
-        v.push(("migration_speed", m.speed.to_string()));
-        v.push(("migration_duration", m.duration.to_string()));
+        push("migration_speed", m.speed.to_string());
+        push("migration_duration", m.duration.to_string());
         if let Some(secs) = m.seconds_left {
-            v.push(("migration_seconds_left", secs.to_string()));
+            push("migration_seconds_left", secs.to_string());
         }
-        v.push(("migration_bytes_left", m.bytes_left.to_string()));
+        push("migration_bytes_left", m.bytes_left.to_string());
         if let Some(limit) = m.speed_limit {
-            v.push(("migration_speed_limit", limit.to_string()));
+            push("migration_speed_limit", limit.to_string());
         }
-        v.push(("migration_attempts", m.attempts.to_string()));
-        v.push(("migration_state", m.state.as_str().to_string()));
+        push("migration_attempts", m.attempts.to_string());
+        push("migration_state", m.state.as_str().to_string());
         if let Some(secs) = m.retry_in {
-            v.push(("migration_retry_in", secs.to_string()));
+            push("migration_retry_in", secs.to_string());
         }
         if let Some(e) = &m.last_error {
-            v.push(("migration_last_error", escape_value(e)));
+            push("migration_last_error", escape_value(e));
         }
     }
+    drop(push);
     v
 }
 
@@ -402,7 +467,9 @@ pub fn parse_status(text: &str) -> Result<Vec<(String, String)>, StatusParseErro
 pub fn status_json(pairs: &[(String, String)]) -> Value {
     let mut map = Map::new();
     for (k, v) in pairs {
-        let value = match ESCAPED_KEYS.contains(&k.as_str()) {
+        let escaped = ESCAPED_KEYS.contains(&k.as_str())
+            || (k.starts_with("client_") && k.ends_with("_subject"));
+        let value = match escaped {
             true => Value::String(unescape_value(v)),
             false => json_scalar(v),
         };
@@ -465,6 +532,7 @@ mod tests {
                 migration: self.1.clone(),
                 pause: None,
                 proxy: None,
+                tls: None,
             }
         }
         fn set_acl(&self, entries: Vec<AclEntry>) {
@@ -617,6 +685,54 @@ mod tests {
         assert_eq!(last_call("mirror_max_bps|77").as_deref(), Some("speed 77"));
         assert_eq!(last_call("mirror|1.2.3.4|x"), None);
         assert!(last_call("mirror|127.0.0.1|9").is_some());
+    }
+
+    #[test]
+    fn mirror_tls_lines() {
+        assert_eq!(mirror("127.0.0.1|4000").unwrap().tls, None);
+        let r = mirror("127.0.0.1|4000|exit|0|0|tls").unwrap();
+        assert_eq!(r.tls, Some(MirrorTls::default()));
+        let r =
+            mirror("127.0.0.1|4000|exit|0|0|forever|wait|tls|tls-certificates=/c|tls-hostname=h")
+                .unwrap();
+        assert!(r.wait);
+        let t = r.tls.unwrap();
+        assert_eq!(t.certificates.as_deref(), Some(std::path::Path::new("/c")));
+        assert_eq!(t.hostname.as_deref(), Some("h"));
+        for bad in [
+            "127.0.0.1|4000|exit|0|0|tls-hostname=h",
+            "127.0.0.1|4000|exit|0|0|tls|tls",
+            "127.0.0.1|4000|exit|0|0|tls|tls-hostname=",
+            "127.0.0.1|4000|exit|0|0|tls|tls-hostname=a|tls-hostname=b",
+            "127.0.0.1|4000|exit|0|0|tls|wait",
+        ] {
+            assert_eq!(mirror(bad), Err(CommandError::BadMirrorTls), "{bad}");
+        }
+    }
+
+    #[test]
+    fn status_tls_keys() {
+        let mut s = Fake::default().status();
+        assert!(!format_status(&s).contains("tls"));
+        s.tls = Some(crate::control::TlsStatus {
+            mode: "require",
+            verify_peer: true,
+            clients: vec![
+                (3, Some(("TLSv1.3".into(), Some("CN=sender one".into())))),
+                (5, None),
+            ],
+        });
+        let text = format_status(&s);
+        assert!(
+            text.ends_with(
+                "tls=require tls_verify_peer=true tls_clients=1 client_3_tls=TLSv1.3 \
+                 client_3_subject=CN=sender%20one client_5_tls=none"
+            ),
+            "{text}"
+        );
+        let json = status_text_to_json(&text).unwrap();
+        assert_eq!(json["client_3_subject"], "CN=sender one");
+        assert_eq!(json["tls_clients"], 1);
     }
 
     #[test]

@@ -73,6 +73,35 @@ pub struct Status {
     pub pause: Option<PauseStatus>,
     /// Present only for a proxy.
     pub proxy: Option<ProxyStatus>,
+    /// Present only when TLS is offered or required.
+    pub tls: Option<TlsStatus>,
+}
+
+/// The TLS keys of `status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsStatus {
+    /// `on` or `require`.
+    pub mode: &'static str,
+    pub verify_peer: bool,
+    /// Each connected client by id: its TLS version and the subject of its
+    /// certificate, or `None` for a plain connection.
+    pub clients: Vec<(u64, Option<(String, Option<String>)>)>,
+}
+
+impl TlsStatus {
+    /// What a server reports.
+    pub fn of(server: &crate::server::Server) -> Option<TlsStatus> {
+        let t = server.tls()?;
+        Some(TlsStatus {
+            mode: t.mode.as_str(),
+            verify_peer: t.verify_peer,
+            clients: server
+                .client_tls()
+                .into_iter()
+                .map(|(id, i)| (id, i.map(|i| (i.version, i.peer_subject))))
+                .collect(),
+        })
+    }
 }
 
 /// The proxy keys of `status`.
@@ -136,6 +165,17 @@ pub struct MirrorRequest {
     pub retries: Option<u32>,
     /// Keep the connection and send a second line with the outcome.
     pub wait: bool,
+    /// Migrate over TLS.
+    pub tls: Option<MirrorTls>,
+}
+
+/// TLS for a migration: the certificate directory (default: the server's
+/// own `--tls-certificates`) and the name the destination's certificate
+/// must carry (default: its IP address).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MirrorTls {
+    pub certificates: Option<std::path::PathBuf>,
+    pub hostname: Option<String>,
 }
 
 /// What the daemon does for each control command. Replies are built by the

@@ -7,6 +7,7 @@ use crate::control::server::ControlServer;
 use crate::export::Export;
 use crate::incoming::{self, Incoming};
 use crate::server::{self as srv, Bound, Listener, Server};
+use crate::tls::TlsMode;
 use anyhow::{bail, Context};
 use signal_hook::consts::{SIGINT, SIGQUIT, SIGTERM};
 use signal_hook::iterator::Signals;
@@ -46,6 +47,8 @@ pub struct Config {
     pub rebind: Option<Rebind>,
     /// The nbdkit-style pause-control socket.
     pub pause_control: Option<PathBuf>,
+    /// TLS offered or required to clients (and to a migration's sender).
+    pub tls: Option<Arc<crate::tls::ServerTls>>,
 }
 
 /// Where to listen after an incoming migration has arrived.
@@ -160,6 +163,9 @@ pub fn run(opts: &Config) -> anyhow::Result<i32> {
     if eps.is_empty() {
         bail!("--addr and --port (or --unix) are required");
     }
+    if opts.oldstyle && opts.tls.as_ref().is_some_and(|t| t.mode != TlsMode::Off) {
+        bail!("--oldstyle cannot be used with --tls: the old-style handshake has no STARTTLS");
+    }
     let request_timeout = request_timeout()?;
     let stall = stall_budget()?;
     let limits = incoming_limits()?;
@@ -178,6 +184,7 @@ pub fn run(opts: &Config) -> anyhow::Result<i32> {
             handshake_timeout: opts.handshake_timeout,
             send_timeout: env_secs("FLEXNBD_SEND_TIMEOUT_SECS", crate::server::SEND_TIMEOUT)?,
             max_clients,
+            tls: opts.tls.clone(),
         },
         acl,
     );

@@ -206,6 +206,7 @@ impl Handler for Control {
                 queued_requests: d.export.gate().waiting(),
             }),
             proxy: None,
+            tls: crate::control::TlsStatus::of(&d.server),
         }
     }
 
@@ -233,7 +234,28 @@ impl Handler for Control {
                 ),
             );
         }
+        let tls = match &req.tls {
+            None => None,
+            Some(t) => {
+                let own = d.server.tls().map(|s| s.dir.clone());
+                let Some(dir) = t.certificates.clone().or(own) else {
+                    return Reply::err(
+                        1,
+                        "mirror over TLS needs a certificate directory (tls-certificates, \
+                         or --tls-certificates on this server)",
+                    );
+                };
+                match crate::tls::ClientTls::load(&dir, t.hostname.clone()) {
+                    Ok(c) => Some(Arc::new(c)),
+                    Err(e) => {
+                        warn!("refusing to migrate to {}: {e}", req.dest);
+                        return Reply::err(1, format!("cannot set up TLS: {e}"));
+                    }
+                }
+            }
+        };
         let spec = Spec {
+            tls,
             dest: req.dest,
             bind: req.bind,
             action: req.action,

@@ -59,6 +59,8 @@ pub struct Spec {
     /// How long a forwarded client write waits for the destination before it
     /// is acknowledged anyway and its blocks go back to the dirty map.
     pub stall: Duration,
+    /// TLS to the destination.
+    pub tls: Option<Arc<crate::tls::ClientTls>>,
 }
 
 /// Why a migration could not start; the texts are the control socket replies.
@@ -143,6 +145,7 @@ fn connect(s: &Shared) -> Result<Connection, ConnectFailure> {
         request_timeout: Some(spec.request_timeout),
         migration: true,
         cancel: Some(s.cancel.clone()),
+        tls: spec.tls.clone(),
         ..ConnectOptions::default()
     };
     let fail = |kind, detail: String| {

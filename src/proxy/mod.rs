@@ -61,6 +61,8 @@ pub struct Config {
     pub handshake_timeout: Duration,
     pub max_clients: usize,
     pub send_timeout: Duration,
+    /// TLS towards the proxy's clients (`--tls`).
+    pub tls: Option<Arc<crate::tls::ServerTls>>,
 }
 
 /// Why the proxy could not start.
@@ -82,6 +84,11 @@ pub enum ProxyError {
     Control { path: PathBuf, cause: io::Error },
     #[error("cannot install signal handlers: {0}")]
     Signals(io::Error),
+    #[error(
+        "the upstream {0} is old-style, so its clients are greeted old-style, \
+         which has no STARTTLS: --tls cannot be used"
+    )]
+    OldstyleTls(Endpoint),
 }
 
 /// Runs the proxy until SIGINT, SIGTERM or SIGQUIT; returns the exit code.
@@ -92,6 +99,13 @@ pub fn run(cfg: &Config) -> Result<i32, ProxyError> {
         endpoint: endpoint.clone(),
         cause,
     })?;
+    let tls_on = cfg
+        .tls
+        .as_ref()
+        .is_some_and(|t| t.mode != crate::tls::TlsMode::Off);
+    if up.oldstyle() && tls_on {
+        return Err(ProxyError::OldstyleTls(endpoint));
+    }
     info!(
         "upstream {endpoint}: {} bytes, flags {:#x}, {}{}",
         up.size(),
@@ -114,6 +128,7 @@ pub fn run(cfg: &Config) -> Result<i32, ProxyError> {
             handshake_timeout: cfg.handshake_timeout,
             send_timeout: cfg.send_timeout,
             max_clients: srv::fit_clients(cfg.max_clients, FDS_PER_CLIENT),
+            tls: cfg.tls.clone(),
         },
         acl,
     );
@@ -187,6 +202,7 @@ impl Handler for Control {
             migration: None,
             pause: None,
             proxy: Some(self.up.status()),
+            tls: crate::control::TlsStatus::of(&self.server),
         }
     }
 

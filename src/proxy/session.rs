@@ -15,7 +15,6 @@ use crate::server::validate::{validate, Op};
 use crate::server::{Client, End, SendLimit};
 use crate::stream::Stream;
 use std::net::Shutdown;
-use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
@@ -132,7 +131,9 @@ impl Replier {
         }
         let _g = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let deadline = self.send.deadline();
-        let fd = self.conn.as_fd();
+        let Some(fd) = self.conn.plain_fd() else {
+            return; // never: answer() checks
+        };
         // On TCP the header waits for the data (MSG_MORE): one segment, not two.
         let head = match self.conn.is_tcp() {
             true => crate::stream::send_by(out.len(), deadline, |done| {
@@ -222,7 +223,10 @@ impl Answer for Replier {
                 let msg = message.unwrap_or_else(|| errno.name().to_owned());
                 self.error(&req, errno, &msg);
             }
-            Outcome::Done(Body::Piped { len, pipe }) if readahead.is_none() => {
+            // Spliced on to a plain socket; a TLS client gets it copied.
+            Outcome::Done(Body::Piped { len, pipe })
+                if readahead.is_none() && self.conn.plain_fd().is_some() =>
+            {
                 self.piped(&req, &pipe, len);
             }
             Outcome::Done(Body::Piped { len, pipe }) => {
@@ -272,7 +276,7 @@ impl Answer for Replier {
 /// Serves one client connection until it disconnects or fails.
 pub fn run(up: Arc<Upstream>, conn: Stream, neg: Negotiated, client: Client<'_>) -> End {
     let name = client.name.to_owned();
-    crate::net::proxy_buffers(conn.as_fd());
+    crate::net::proxy_buffers(conn.socket_fd());
     let (rconn, wconn) = match (conn.try_clone(), conn.try_clone()) {
         (Ok(r), Ok(w)) => (r, w),
         (Err(e), _) | (_, Err(e)) => return End::Error(e.to_string()),

@@ -56,6 +56,8 @@ pub struct Settings {
     pub track_dirty: TrackDirty,
     /// `--cache`: reads up to this many bytes fetch twice as much (0: off).
     pub cache: u32,
+    /// TLS to the upstream (`--conn-tls`).
+    pub tls: Option<Arc<crate::tls::ClientTls>>,
 }
 
 /// Reads and writes larger than this are refused (the proxy keeps every
@@ -273,6 +275,7 @@ fn connect(
         request_timeout: Some(set.timeout),
         migration: false,
         cancel,
+        tls: set.tls.clone(),
     };
     Connection::connect(&set.endpoint, &opts)
 }

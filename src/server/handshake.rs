@@ -9,8 +9,11 @@ use crate::proto::handshake::{
     MetaContextRequest,
 };
 use crate::proto::{ClientFlags, OptionHeader, ProtoError};
+use crate::stream::Stream;
+use crate::tls::{ServerTls, TlsError, TlsMode};
 use std::io::{self, Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
 
 /// Id of `base:allocation` in BLOCK_STATUS replies.
 pub const BASE_ALLOCATION_ID: u32 = 1;
@@ -84,6 +87,8 @@ pub enum HandshakeError {
     Proto(#[from] ProtoError),
     #[error("{0}")]
     Refused(&'static str),
+    #[error("{0}")]
+    Tls(TlsError),
     #[error("I/O error: {0}")]
     Io(io::Error),
 }
@@ -117,14 +122,18 @@ pub fn transmission_flags(info: &ExportInfo, structured: bool) -> u16 {
     f
 }
 
-/// Runs the handshake, all of it bounded by `conn`'s deadline; `Ok` means
-/// the transmission phase starts.
+/// Runs the handshake, all of it by `at`; `Ok` means the transmission
+/// phase starts. With `tls`, NBD_OPT_STARTTLS turns `conn` into a TLS
+/// stream (the transmission phase then runs over it).
 pub fn negotiate(
-    conn: &Deadline<'_>,
+    conn: &mut Stream,
+    at: Instant,
     info: &ExportInfo,
+    tls: Option<&ServerTls>,
     shutting_down: &AtomicBool,
 ) -> Result<Negotiated, HandshakeError> {
-    let mut c = conn;
+    let d = Deadline::new(conn, at);
+    let mut c = &d;
     if info.oldstyle {
         let flags = transmission_flags(info, false);
         c.write_all(&oldstyle_greeting(info.size, flags as u32))?;
@@ -142,9 +151,13 @@ pub fn negotiate(
         Some((f, _)) => f,
         None => return Err(HandshakeError::Closed),
     };
+    drop(d);
     let mut h = Haggle {
         conn,
+        at,
         info,
+        tls,
+        tls_up: false,
         cflags,
         structured: false,
         base_allocation: false,
@@ -154,8 +167,12 @@ pub fn negotiate(
 }
 
 struct Haggle<'a> {
-    conn: &'a Deadline<'a>,
+    conn: &'a mut Stream,
+    at: Instant,
     info: &'a ExportInfo,
+    tls: Option<&'a ServerTls>,
+    /// STARTTLS succeeded: `conn` is a TLS stream.
+    tls_up: bool,
     cflags: ClientFlags,
     structured: bool,
     base_allocation: bool,
@@ -164,9 +181,52 @@ struct Haggle<'a> {
 }
 
 impl Haggle<'_> {
+    fn deadline(&self) -> Deadline<'_> {
+        Deadline::new(self.conn, self.at)
+    }
+
+    fn send(&self, b: &[u8]) -> io::Result<()> {
+        let d = self.deadline();
+        let mut c = &d;
+        c.write_all(b)?;
+        c.flush()
+    }
+
     fn reply(&self, option: u32, kind: u32, data: &[u8]) -> io::Result<()> {
-        let mut c = self.conn;
-        c.write_all(&option_reply(option, kind, data))
+        self.send(&option_reply(option, kind, data))
+    }
+
+    /// TLS is required and not up yet.
+    fn tls_missing(&self) -> bool {
+        !self.tls_up && self.tls.is_some_and(|t| t.mode == TlsMode::Require)
+    }
+
+    /// NBD_OPT_STARTTLS: ACK, then the TLS handshake on the same socket.
+    /// What was negotiated before is forgotten, as the spec requires.
+    fn start_tls(&mut self, opt: u32, data: &[u8]) -> Result<(), HandshakeError> {
+        let tls = match self.tls {
+            Some(t) if t.mode != TlsMode::Off => t,
+            _ => {
+                self.error(opt, REP_ERR_POLICY, "TLS is not configured on this server")?;
+                return Ok(());
+            }
+        };
+        if self.tls_up {
+            self.error(opt, REP_ERR_INVALID, "TLS is already on")?;
+            return Ok(());
+        }
+        if !data.is_empty() {
+            self.error(opt, REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data")?;
+            return Ok(());
+        }
+        self.reply(opt, REP_ACK, &[])?;
+        let plain = self.conn.try_clone()?;
+        *self.conn = tls.accept(plain, self.at).map_err(HandshakeError::Tls)?;
+        self.tls_up = true;
+        self.structured = false;
+        self.base_allocation = false;
+        self.meta_export = None;
+        Ok(())
     }
 
     fn error(&self, option: u32, kind: u32, msg: &str) -> io::Result<()> {
@@ -184,8 +244,9 @@ impl Haggle<'_> {
     }
 
     fn run(&mut self, shutting_down: &AtomicBool) -> Result<Negotiated, HandshakeError> {
-        let mut c = self.conn;
         loop {
+            let d = self.deadline();
+            let mut c = &d;
             let mut hb = [0u8; OPTION_HEADER_LEN];
             c.read_exact(&mut hb)?;
             let hdr = match OptionHeader::decode(&hb)? {
@@ -202,6 +263,7 @@ impl Haggle<'_> {
             }
             let mut data = vec![0u8; hdr.length as usize];
             c.read_exact(&mut data)?;
+            drop(d);
             if !self.cflags.fixed_newstyle && hdr.option != OPT_EXPORT_NAME {
                 return Err(HandshakeError::Refused("option without fixed newstyle"));
             }
@@ -210,6 +272,19 @@ impl Haggle<'_> {
                     return Err(HandshakeError::Refused("server is shutting down"));
                 }
                 self.error(hdr.option, REP_ERR_SHUTDOWN, "server is shutting down")?;
+                continue;
+            }
+            if self.tls_missing() && !matches!(hdr.option, OPT_STARTTLS | OPT_ABORT) {
+                if hdr.option == OPT_EXPORT_NAME {
+                    return Err(HandshakeError::Refused(
+                        "TLS is required (NBD_OPT_STARTTLS)",
+                    ));
+                }
+                self.error(
+                    hdr.option,
+                    REP_ERR_TLS_REQD,
+                    "TLS is required: send NBD_OPT_STARTTLS first",
+                )?;
                 continue;
             }
             if let Some(n) = self.option(hdr.option, &data)? {
@@ -226,8 +301,7 @@ impl Haggle<'_> {
                     return Err(HandshakeError::Refused("bad export name"));
                 };
                 let n = self.negotiated(name);
-                let mut c = self.conn;
-                c.write_all(&export_name_reply(
+                self.send(&export_name_reply(
                     self.info.size,
                     n.flags,
                     self.cflags.no_zeroes,
@@ -249,7 +323,7 @@ impl Haggle<'_> {
                 Ok(None)
             }
             OPT_STARTTLS => {
-                self.error(opt, REP_ERR_POLICY, "TLS is not configured on this server")?;
+                self.start_tls(opt, data)?;
                 Ok(None)
             }
             OPT_INFO | OPT_GO => self.info_go(opt, data),

@@ -13,7 +13,6 @@ pub mod session;
 pub mod validate;
 mod zerocopy;
 
-use conn::Deadline;
 pub use conn::SendLimit;
 pub use intake::{Admit, Intake, SenderTrack, SessionEnd};
 pub use listener::{Bound, Listener};
@@ -21,7 +20,8 @@ pub use session::End;
 
 use crate::acl::{Acl, AclEntry};
 use crate::export::Export;
-use crate::stream::Stream;
+use crate::stream::{Stream, TlsInfo};
+use crate::tls::ServerTls;
 use handshake::{negotiate, ExportInfo, HandshakeError, Negotiated};
 use session::Session;
 use std::collections::HashMap;
@@ -64,7 +64,7 @@ pub fn fit_clients(wanted: usize, per_client: u64) -> usize {
 }
 
 /// Server-wide settings.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Config {
     /// Send the old-style greeting instead of fixed newstyle.
     pub oldstyle: bool,
@@ -75,6 +75,8 @@ pub struct Config {
     pub send_timeout: Duration,
     /// Connections served at once; more are closed at accept, nothing read.
     pub max_clients: usize,
+    /// TLS offered or required (`--tls`), with its certificates.
+    pub tls: Option<Arc<ServerTls>>,
 }
 
 impl Default for Config {
@@ -84,6 +86,7 @@ impl Default for Config {
             handshake_timeout: HANDSHAKE_TIMEOUT,
             send_timeout: SEND_TIMEOUT,
             max_clients: MAX_CLIENTS,
+            tls: None,
         }
     }
 }
@@ -98,6 +101,8 @@ struct Refusals {
 struct Connected {
     peer: Option<IpAddr>,
     conn: Stream,
+    /// The TLS session, once the handshake set one up.
+    tls: Option<TlsInfo>,
 }
 
 /// What a server's connections are served from, after the handshake: the
@@ -174,6 +179,11 @@ impl Server {
         })
     }
 
+    /// The TLS settings, when TLS is offered or required.
+    pub fn tls(&self) -> Option<&ServerTls> {
+        self.config.tls.as_deref()
+    }
+
     /// Installs (or, with `None`, removes) the hook that decides admissions.
     pub fn set_intake(&self, intake: Option<Arc<dyn Intake>>) {
         *self.intake.write().unwrap_or_else(|p| p.into_inner()) = intake;
@@ -219,6 +229,14 @@ impl Server {
 
     pub fn num_clients(&self) -> usize {
         self.clients.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Each connected client (by id) and its TLS session, if it has one.
+    pub fn client_tls(&self) -> Vec<(u64, Option<TlsInfo>)> {
+        let c = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<_> = c.iter().map(|(id, c)| (*id, c.tls.clone())).collect();
+        v.sort_by_key(|(id, _)| *id);
+        v
     }
 
     /// Stops every client from sending further requests; in-flight ones are answered.
@@ -317,7 +335,14 @@ impl Server {
         self.clients
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(id, Connected { peer, conn: clone });
+            .insert(
+                id,
+                Connected {
+                    peer,
+                    conn: clone,
+                    tls: None,
+                },
+            );
         let me = self.clone();
         let i2 = intake.clone();
         let s2 = sender.clone();
@@ -408,8 +433,10 @@ impl Server {
             }
         }
         let info = self.backend.info(self.config.oldstyle);
-        let deadline = Deadline::new(&conn, Instant::now() + self.config.handshake_timeout);
-        let neg = match negotiate(&deadline, &info, &self.shutting_down) {
+        let mut conn = conn;
+        let at = Instant::now() + self.config.handshake_timeout;
+        let tls = self.config.tls.as_deref();
+        let neg = match negotiate(&mut conn, at, &info, tls, &self.shutting_down) {
             Ok(n) => n,
             Err(HandshakeError::Closed | HandshakeError::Aborted) => {
                 info!("{name}: closed during the handshake");
@@ -427,6 +454,18 @@ impl Server {
                 return End::Error(e.to_string());
             }
         };
+        if let Some(t) = conn.tls_info() {
+            info!(
+                "{name}: {} {}, peer certificate: {}",
+                t.version,
+                t.cipher,
+                t.peer_subject.as_deref().unwrap_or("none")
+            );
+            let mut c = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(c) = c.get_mut(&id) {
+                c.tls = Some(t.clone());
+            }
+        }
         let limit = SendLimit {
             total: self.config.send_timeout,
         };

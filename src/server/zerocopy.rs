@@ -10,7 +10,6 @@ use crate::proto::reply::{error_chunk, none_chunk, offset_data_header};
 use crate::proto::{Request, SimpleReply};
 use crate::sys;
 use std::io;
-use std::os::fd::AsFd;
 use std::time::Instant;
 
 /// Reads at least this long are sent with `sendfile`.
@@ -22,10 +21,9 @@ static ZEROES: [u8; 64 * 1024] = [0; 64 * 1024];
 impl Session {
     /// Writes a small header that the data will follow at once.
     pub(super) fn send_header(&self, hdr: &[u8]) -> io::Result<()> {
-        if !self.conn.is_tcp() {
+        let (true, Some(fd)) = (self.conn.is_tcp(), self.conn.plain_fd()) else {
             return self.send_all(hdr);
-        }
-        let fd = self.conn.as_fd();
+        };
         send_by(hdr.len(), self.send.deadline(), |done| {
             sys::send_more(fd, &hdr[done..])
         })
@@ -36,10 +34,9 @@ impl Session {
     /// the image after some bytes were sent (the rest is padded with zeroes).
     /// Each reply-buffer's worth must go out within the send limit.
     pub(super) fn splice(&self, off: u64, len: usize) -> io::Result<Result<(), export::Error>> {
-        let Some(file) = self.export.sendfile_source() else {
+        let (Some(file), Some(sock)) = (self.export.sendfile_source(), self.conn.plain_fd()) else {
             return self.copy_out(off, len);
         };
-        let sock = self.conn.as_fd();
         let mut sent = 0usize;
         let mut failed = None;
         let mut deadline = self.send.deadline();

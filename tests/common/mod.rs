@@ -7,6 +7,7 @@
 
 #![allow(dead_code)]
 
+pub mod certs;
 pub mod fakeupstream;
 pub mod migration;
 pub mod nbdkit;

@@ -1,0 +1,280 @@
+//! The one transport type: a connected TCP or unix stream socket, or a
+//! TLS session over one ([`tls::Channel`]), with the deadline-bounded send
+//! loop every transmission-phase writer uses and the handshake's
+//! [`Deadline`]. Zero-copy (`sendfile`, `splice`, `MSG_MORE`) is a
+//! capability of a plain socket ([`Stream::plain_fd`]), which a TLS stream
+//! lacks.
+
+pub mod tls;
+
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, Shutdown, TcpStream};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+pub use tls::TlsInfo;
+
+/// A connected stream socket, TCP or unix, or TLS over one: the one
+/// transport type of the server, the client and the proxy.
+#[derive(Debug)]
+pub enum Stream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+    /// A TLS session (rustls in user space); clones share it.
+    Tls(Arc<tls::Channel>),
+}
+
+impl Stream {
+    pub fn try_clone(&self) -> io::Result<Stream> {
+        Ok(match self {
+            Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
+            Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+            Stream::Tls(c) => Stream::Tls(c.clone()),
+        })
+    }
+
+    pub fn shutdown(&self, how: Shutdown) {
+        let _ = match self {
+            Stream::Tcp(s) => s.shutdown(how),
+            Stream::Unix(s) => s.shutdown(how),
+            Stream::Tls(c) => {
+                c.shutdown(how);
+                Ok(())
+            }
+        };
+    }
+
+    /// The socket itself (for socket options and timeouts).
+    fn socket(&self) -> &Stream {
+        match self {
+            Stream::Tls(c) => c.socket(),
+            s => s,
+        }
+    }
+
+    pub fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self.socket() {
+            Stream::Tcp(s) => s.set_read_timeout(t),
+            Stream::Unix(s) => s.set_read_timeout(t),
+            Stream::Tls(_) => Ok(()),
+        }
+    }
+
+    pub fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self.socket() {
+            Stream::Tcp(s) => s.set_write_timeout(t),
+            Stream::Unix(s) => s.set_write_timeout(t),
+            Stream::Tls(_) => Ok(()),
+        }
+    }
+
+    /// The peer's IP address; `None` for unix sockets.
+    pub fn peer_ip(&self) -> Option<IpAddr> {
+        match self.socket() {
+            Stream::Tcp(s) => s
+                .peer_addr()
+                .ok()
+                .map(|a| crate::addr::canonical_ip(a.ip())),
+            _ => None,
+        }
+    }
+
+    /// A plain TCP socket (where `MSG_MORE` and TCP tuning apply).
+    pub fn is_tcp(&self) -> bool {
+        matches!(self, Stream::Tcp(_))
+    }
+
+    /// The TCP socket underneath, TLS or not (for socket options).
+    pub fn tcp(&self) -> Option<&TcpStream> {
+        match self.socket() {
+            Stream::Tcp(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The descriptor of the socket (TLS or not), for socket options only:
+    /// bytes written to it bypass TLS.
+    pub fn socket_fd(&self) -> BorrowedFd<'_> {
+        match self.socket() {
+            Stream::Tcp(s) => s.as_fd(),
+            Stream::Unix(s) => s.as_fd(),
+            Stream::Tls(c) => c.socket().socket_fd(),
+        }
+    }
+
+    /// The descriptor to move data with `sendfile`/`splice`, if this
+    /// stream has one (a plain socket; not a TLS session in user space).
+    pub fn plain_fd(&self) -> Option<BorrowedFd<'_>> {
+        match self {
+            Stream::Tcp(s) => Some(s.as_fd()),
+            Stream::Unix(s) => Some(s.as_fd()),
+            Stream::Tls(_) => None,
+        }
+    }
+
+    /// The TLS session's details, when this is one.
+    pub fn tls_info(&self) -> Option<&TlsInfo> {
+        match self {
+            Stream::Tls(c) => Some(c.info()),
+            _ => None,
+        }
+    }
+
+    /// A name for the peer, for log lines.
+    pub fn peer_name(&self) -> String {
+        match self.socket() {
+            Stream::Tcp(s) => s
+                .peer_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_else(|_| "?".into()),
+            _ => "unix".into(),
+        }
+    }
+}
+
+impl Read for &Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => (&*s).read(buf),
+            Stream::Unix(s) => (&*s).read(buf),
+            Stream::Tls(c) => c.read(buf),
+        }
+    }
+}
+
+/// A TLS stream may hold ciphertext back after a write returns (when the
+/// socket timed out part-way): [`flush`](Write::flush) sends it, and
+/// [`Stream::send_all`] does so before it returns.
+impl Write for &Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => (&*s).write(buf),
+            Stream::Unix(s) => (&*s).write(buf),
+            Stream::Tls(c) => c.write(buf),
+        }
+    }
+
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => (&*s).write_vectored(bufs),
+            Stream::Unix(s) => (&*s).write_vectored(bufs),
+            Stream::Tls(c) => match bufs.iter().find(|b| !b.is_empty()) {
+                Some(b) => c.write(b),
+                None => Ok(0),
+            },
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Stream::Tls(c) => c.flush(),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// A connection whose every read and write must be over by one deadline
+/// (a handshake's): each call's socket timeout is the time left, so a
+/// peer trickling one byte at a time gains nothing.
+pub struct Deadline<'a> {
+    conn: &'a Stream,
+    at: Instant,
+}
+
+impl<'a> Deadline<'a> {
+    pub fn new(conn: &'a Stream, at: Instant) -> Deadline<'a> {
+        Deadline { conn, at }
+    }
+
+    fn left(&self) -> io::Result<Duration> {
+        let left = self.at.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(timed_out("handshake"));
+        }
+        Ok(left)
+    }
+
+    fn mapped(e: io::Error) -> io::Error {
+        match is_timeout(&e) {
+            true => timed_out("handshake"),
+            false => e,
+        }
+    }
+}
+
+impl Read for &Deadline<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.conn.set_read_timeout(Some(self.left()?))?;
+        (&*self.conn).read(buf).map_err(Deadline::mapped)
+    }
+}
+
+impl Write for &Deadline<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.conn.set_write_timeout(Some(self.left()?))?;
+        (&*self.conn).write(buf).map_err(Deadline::mapped)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.conn.set_write_timeout(Some(self.left()?))?;
+        (&*self.conn).flush().map_err(Deadline::mapped)
+    }
+}
+
+/// Whether an I/O error is a socket timeout (`SO_RCVTIMEO`/`SO_SNDTIMEO`).
+pub fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
+pub fn timed_out(what: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::TimedOut, format!("{what} timed out"))
+}
+
+/// Runs `op` (one write-like system call returning bytes done) until `len`
+/// bytes are done, retrying after each socket timeout until `deadline`.
+pub fn send_by(
+    len: usize,
+    deadline: Instant,
+    mut op: impl FnMut(usize) -> io::Result<usize>,
+) -> io::Result<()> {
+    let mut done = 0;
+    while done < len {
+        match op(done) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if is_timeout(&e) => {}
+            Err(e) => return Err(e),
+        }
+        // Progress, however slow, does not move the deadline.
+        if done < len && Instant::now() >= deadline {
+            return Err(timed_out("sending to the client"));
+        }
+    }
+    Ok(())
+}
+
+impl Stream {
+    /// Writes all of `buf` by `deadline`.
+    pub fn send_all(&self, buf: &[u8], deadline: Instant) -> io::Result<()> {
+        let mut w = self;
+        send_by(buf.len(), deadline, |done| w.write(&buf[done..]))?;
+        if let Stream::Tls(c) = self {
+            // What the last write held back, within the same deadline.
+            while let Err(e) = c.flush() {
+                let retry = is_timeout(&e) || e.kind() == io::ErrorKind::Interrupted;
+                if !retry {
+                    return Err(e);
+                }
+                if Instant::now() >= deadline {
+                    return Err(timed_out("sending to the client"));
+                }
+            }
+        }
+        Ok(())
+    }
+}
