@@ -160,6 +160,8 @@ fn connect(s: &Shared) -> Result<Connection, ConnectFailure> {
             ClientError::Rejected | ClientError::Closed | ClientError::BadGreeting(_) => {
                 StartError::Rejected
             }
+            // TLS refused, or a certificate not accepted, either way.
+            ClientError::Tls(_) => StartError::Rejected,
             _ => StartError::NoResponse,
         };
         fail(kind, e.to_string())
