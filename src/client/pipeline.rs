@@ -344,6 +344,12 @@ impl Receiver {
         ShutdownHandle(Arc::clone(&self.stream))
     }
 
+    /// Whether READ data can be moved off this connection with `splice(2)`
+    /// (a plain socket, not TLS).
+    pub fn can_splice(&self) -> bool {
+        self.stream.plain_fd().is_some()
+    }
+
     /// From now on, READ data of at least [`PIPE_MIN`] bytes that fits the
     /// pipe goes into it, to be passed on without a copy.
     pub fn use_pipe(&mut self, pipe: Pipe) {

@@ -611,9 +611,11 @@ impl Link {
                 return None;
             }
         };
-        // Large READ data waits in a pipe and goes on to the client by splice.
+        // Large READ data waits in a pipe and goes on to the client by
+        // splice (from a plain socket only: TLS data is decrypted in memory).
         match crate::client::Pipe::new() {
-            Ok(p) => rx.use_pipe(p),
+            Ok(p) if rx.can_splice() => rx.use_pipe(p),
+            Ok(_) => {}
             Err(e) => debug!("{}: no pipe for READ data ({e}); copying it", self.name),
         }
         let mut slot = self.sender.lock().unwrap_or_else(|p| p.into_inner());

@@ -158,6 +158,7 @@ pub fn negotiate(
         info,
         tls,
         tls_up: false,
+        tls_refused: false,
         cflags,
         structured: false,
         base_allocation: false,
@@ -173,6 +174,8 @@ struct Haggle<'a> {
     tls: Option<&'a ServerTls>,
     /// STARTTLS succeeded: `conn` is a TLS stream.
     tls_up: bool,
+    /// An option was refused with ERR_TLS_REQD.
+    tls_refused: bool,
     cflags: ClientFlags,
     structured: bool,
     base_allocation: bool,
@@ -244,6 +247,17 @@ impl Haggle<'_> {
     }
 
     fn run(&mut self, shutting_down: &AtomicBool) -> Result<Negotiated, HandshakeError> {
+        let r = self.haggle(shutting_down);
+        match r {
+            // A plain client that gave up after ERR_TLS_REQD: say why.
+            Err(HandshakeError::Closed | HandshakeError::Aborted) if self.tls_refused => Err(
+                HandshakeError::Refused("TLS is required and the client did not start it"),
+            ),
+            r => r,
+        }
+    }
+
+    fn haggle(&mut self, shutting_down: &AtomicBool) -> Result<Negotiated, HandshakeError> {
         loop {
             let d = self.deadline();
             let mut c = &d;
@@ -280,6 +294,7 @@ impl Haggle<'_> {
                         "TLS is required (NBD_OPT_STARTTLS)",
                     ));
                 }
+                self.tls_refused = true;
                 self.error(
                     hdr.option,
                     REP_ERR_TLS_REQD,
