@@ -43,8 +43,12 @@
 //! - [`storage`]: positional file I/O, holes and extents (`storage::map`),
 //!   block devices (`storage::device`), the image lock (`storage::lock`).
 //! - [`proto`]: the NBD wire format, no I/O.
-//! - [`stream`]: the one transport type (TCP or unix), used by the server,
-//!   the client and the proxy.
+//! - [`tls`]: TLS settings and handshakes (rustls): `--tls` modes,
+//!   certificate directories, STARTTLS's handshake on a plain stream. The
+//!   server calls it from `server::handshake`, the client from
+//!   `client::negotiate`.
+//! - [`stream`]: the one transport type (TCP, unix, or TLS over either,
+//!   `stream::tls`), used by the server, the client and the proxy.
 //! - [`net`], [`addr`], [`acl`], [`sys`], [`log`], [`wait`]: socket options,
 //!   addresses, access control, syscall wrappers, log lines, the one
 //!   deadline loop.

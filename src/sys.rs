@@ -320,3 +320,81 @@ pub fn kill_group(pgid: u32, sig: i32) -> io::Result<()> {
         _ => Err(io::Error::last_os_error()),
     }
 }
+
+/// Attaches the kernel's TLS upper-layer protocol to a TCP socket (the
+/// first step of kernel TLS); fails with ENOENT where the kernel has no
+/// `tls` module.
+pub fn tcp_ulp_tls(sock: BorrowedFd<'_>) -> io::Result<()> {
+    const NAME: &[u8] = b"tls";
+    // SAFETY: NAME is a static byte string the kernel only reads.
+    let r = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_ULP,
+            NAME.as_ptr() as *const libc::c_void,
+            NAME.len() as libc::socklen_t,
+        )
+    };
+    cvt(r as libc::c_long).map(|_| ())
+}
+
+/// The kernel TLS crypto state of one direction (`libc::TLS_TX` or
+/// `libc::TLS_RX`): one of libc's `tls12_crypto_info_*` structures.
+pub fn set_ktls<T: Copy>(sock: BorrowedFd<'_>, direction: libc::c_int, info: &T) -> io::Result<()> {
+    // SAFETY: `info` is a plain-data struct borrowed for the call; the kernel
+    // reads size_of::<T>() bytes of it.
+    let r = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_TLS,
+            direction,
+            info as *const T as *const libc::c_void,
+            std::mem::size_of::<T>() as libc::socklen_t,
+        )
+    };
+    cvt(r as libc::c_long).map(|_| ())
+}
+
+/// TLS record content types (RFC 8446 §5.1).
+pub const TLS_RECORD_ALERT: u8 = 21;
+pub const TLS_RECORD_DATA: u8 = 23;
+
+/// `recvmsg(2)` on a kernel TLS socket: the bytes read and the record type
+/// the kernel reports (application data unless said otherwise). A record
+/// of another type is returned alone, so its bytes are never taken for data.
+pub fn recv_tls_record(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, u8)> {
+    // Room for one cmsghdr with a one-byte payload, suitably aligned.
+    let mut control = [0u64; 8];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr() as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    // SAFETY: an all-zero msghdr is a valid empty one.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
+    msg.msg_controllen = std::mem::size_of_val(&control) as _;
+    // SAFETY: `msg` points at `iov` (into `buf`) and `control`, all live
+    // for the call and large enough for what their lengths say.
+    let r = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, 0) };
+    let n = cvt(r as libc::c_long)? as usize;
+    let mut kind = TLS_RECORD_DATA;
+    // SAFETY: CMSG_FIRSTHDR/CMSG_NXTHDR walk the control buffer the kernel
+    // filled (bounded by msg_controllen); CMSG_DATA points inside a header
+    // whose length covers at least one byte.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_TLS
+                && (*c).cmsg_type == libc::TLS_GET_RECORD_TYPE
+                && (*c).cmsg_len as usize >= libc::CMSG_LEN(1) as usize
+            {
+                kind = *libc::CMSG_DATA(c);
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    Ok((n, kind))
+}

@@ -375,7 +375,6 @@ pub fn status_pairs(s: &Status) -> Vec<(Cow<'static, str>, String)> {
             push("migration_last_error", escape_value(e));
         }
     }
-    drop(push);
     v
 }
 

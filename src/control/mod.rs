@@ -85,8 +85,11 @@ pub struct TlsStatus {
     pub verify_peer: bool,
     /// Each connected client by id: its TLS version and the subject of its
     /// certificate, or `None` for a plain connection.
-    pub clients: Vec<(u64, Option<(String, Option<String>)>)>,
+    pub clients: Vec<(u64, Option<TlsSession>)>,
 }
+
+/// A client's TLS version and the subject of its certificate, if any.
+pub type TlsSession = (String, Option<String>);
 
 impl TlsStatus {
     /// What a server reports.

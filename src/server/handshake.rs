@@ -151,7 +151,6 @@ pub fn negotiate(
         Some((f, _)) => f,
         None => return Err(HandshakeError::Closed),
     };
-    drop(d);
     let mut h = Haggle {
         conn,
         at,
@@ -277,7 +276,6 @@ impl Haggle<'_> {
             }
             let mut data = vec![0u8; hdr.length as usize];
             c.read_exact(&mut data)?;
-            drop(d);
             if !self.cflags.fixed_newstyle && hdr.option != OPT_EXPORT_NAME {
                 return Err(HandshakeError::Refused("option without fixed newstyle"));
             }

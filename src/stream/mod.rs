@@ -1,5 +1,6 @@
 //! The one transport type: a connected TCP or unix stream socket, or a
-//! TLS session over one ([`tls::Channel`]), with the deadline-bounded send
+//! TLS session over one ([`tls::Channel`] in user space, [`tls::Kernel`]
+//! when the kernel runs the record layer), with the deadline-bounded send
 //! loop every transmission-phase writer uses and the handshake's
 //! [`Deadline`]. Zero-copy (`sendfile`, `splice`, `MSG_MORE`) is a
 //! capability of a plain socket ([`Stream::plain_fd`]), which a TLS stream
@@ -23,6 +24,9 @@ pub enum Stream {
     Unix(UnixStream),
     /// A TLS session (rustls in user space); clones share it.
     Tls(Arc<tls::Channel>),
+    /// A TLS session whose record layer the kernel runs (kTLS); clones
+    /// share it.
+    Ktls(Arc<tls::Kernel>),
 }
 
 impl Stream {
@@ -31,6 +35,7 @@ impl Stream {
             Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
             Stream::Unix(s) => Stream::Unix(s.try_clone()?),
             Stream::Tls(c) => Stream::Tls(c.clone()),
+            Stream::Ktls(k) => Stream::Ktls(k.clone()),
         })
     }
 
@@ -42,6 +47,10 @@ impl Stream {
                 c.shutdown(how);
                 Ok(())
             }
+            Stream::Ktls(k) => {
+                k.socket().shutdown(how);
+                Ok(())
+            }
         };
     }
 
@@ -49,6 +58,7 @@ impl Stream {
     fn socket(&self) -> &Stream {
         match self {
             Stream::Tls(c) => c.socket(),
+            Stream::Ktls(k) => k.socket(),
             s => s,
         }
     }
@@ -57,7 +67,7 @@ impl Stream {
         match self.socket() {
             Stream::Tcp(s) => s.set_read_timeout(t),
             Stream::Unix(s) => s.set_read_timeout(t),
-            Stream::Tls(_) => Ok(()),
+            Stream::Tls(_) | Stream::Ktls(_) => Ok(()),
         }
     }
 
@@ -65,7 +75,7 @@ impl Stream {
         match self.socket() {
             Stream::Tcp(s) => s.set_write_timeout(t),
             Stream::Unix(s) => s.set_write_timeout(t),
-            Stream::Tls(_) => Ok(()),
+            Stream::Tls(_) | Stream::Ktls(_) => Ok(()),
         }
     }
 
@@ -80,9 +90,10 @@ impl Stream {
         }
     }
 
-    /// A plain TCP socket (where `MSG_MORE` and TCP tuning apply).
+    /// A TCP socket that takes plaintext (plain, or kernel TLS): where
+    /// `MSG_MORE` applies.
     pub fn is_tcp(&self) -> bool {
-        matches!(self, Stream::Tcp(_))
+        matches!(self, Stream::Tcp(_) | Stream::Ktls(_))
     }
 
     /// The TCP socket underneath, TLS or not (for socket options).
@@ -100,15 +111,19 @@ impl Stream {
             Stream::Tcp(s) => s.as_fd(),
             Stream::Unix(s) => s.as_fd(),
             Stream::Tls(c) => c.socket().socket_fd(),
+            Stream::Ktls(k) => k.socket().socket_fd(),
         }
     }
 
     /// The descriptor to move data with `sendfile`/`splice`, if this
-    /// stream has one (a plain socket; not a TLS session in user space).
+    /// stream has one (a plain socket, or kernel TLS; not a TLS session in
+    /// user space). Data read from it this way skips the record-type check
+    /// [`Read`] makes on kernel TLS, so only writes use it there.
     pub fn plain_fd(&self) -> Option<BorrowedFd<'_>> {
         match self {
             Stream::Tcp(s) => Some(s.as_fd()),
             Stream::Unix(s) => Some(s.as_fd()),
+            Stream::Ktls(k) => Some(k.socket().socket_fd()),
             Stream::Tls(_) => None,
         }
     }
@@ -117,6 +132,7 @@ impl Stream {
     pub fn tls_info(&self) -> Option<&TlsInfo> {
         match self {
             Stream::Tls(c) => Some(c.info()),
+            Stream::Ktls(k) => Some(k.info()),
             _ => None,
         }
     }
@@ -139,6 +155,7 @@ impl Read for &Stream {
             Stream::Tcp(s) => (&*s).read(buf),
             Stream::Unix(s) => (&*s).read(buf),
             Stream::Tls(c) => c.read(buf),
+            Stream::Ktls(k) => k.read(buf),
         }
     }
 }
@@ -152,6 +169,7 @@ impl Write for &Stream {
             Stream::Tcp(s) => (&*s).write(buf),
             Stream::Unix(s) => (&*s).write(buf),
             Stream::Tls(c) => c.write(buf),
+            Stream::Ktls(k) => k.socket().write(buf),
         }
     }
 
@@ -159,6 +177,7 @@ impl Write for &Stream {
         match self {
             Stream::Tcp(s) => (&*s).write_vectored(bufs),
             Stream::Unix(s) => (&*s).write_vectored(bufs),
+            Stream::Ktls(k) => k.socket().write_vectored(bufs),
             Stream::Tls(c) => match bufs.iter().find(|b| !b.is_empty()) {
                 Some(b) => c.write(b),
                 None => Ok(0),

@@ -231,3 +231,49 @@ fn drain(sock: &Stream, tx: &mut Tx) -> io::Result<()> {
     tx.sent = 0;
     Ok(())
 }
+
+/// A TLS session whose record layer the kernel runs (kTLS): plaintext goes
+/// straight to and from the socket, so `sendfile` and `splice` work as on a
+/// plain one. Reads check each record's type: an alert ends the stream.
+pub struct Kernel {
+    sock: Stream,
+    info: TlsInfo,
+}
+
+impl std::fmt::Debug for Kernel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Kernel").field("info", &self.info).finish()
+    }
+}
+
+impl Kernel {
+    /// `sock` is a plain TCP socket whose TX and RX state was handed to the kernel.
+    pub fn new(sock: Stream, info: TlsInfo) -> Kernel {
+        Kernel { sock, info }
+    }
+
+    pub fn info(&self) -> &TlsInfo {
+        &self.info
+    }
+
+    pub fn socket(&self) -> &Stream {
+        &self.sock
+    }
+
+    pub fn read(&self, out: &mut [u8]) -> io::Result<usize> {
+        if out.is_empty() {
+            return Ok(0);
+        }
+        let fd = self.sock.socket_fd();
+        let (n, kind) = crate::sys::recv_tls_record(fd, out)?;
+        match kind {
+            crate::sys::TLS_RECORD_DATA => Ok(n),
+            // close_notify (or a fatal alert): the peer is done.
+            crate::sys::TLS_RECORD_ALERT => Ok(0),
+            k => Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("TLS: unexpected record of type {k} after the handshake"),
+            )),
+        }
+    }
+}

@@ -5,6 +5,8 @@
 //! configurations, and the handshake that turns a plain [`Stream`] into a
 //! TLS one after NBD_OPT_STARTTLS.
 
+mod kernel;
+
 use crate::stream::tls::{Channel, TlsInfo};
 use crate::stream::{Deadline, Stream};
 use rustls::pki_types::pem::PemObject;
@@ -149,9 +151,11 @@ impl ServerTls {
             }
             false => builder.with_no_client_auth(),
         };
-        let config = builder
+        let mut config = builder
             .with_single_cert(chain, key)
             .map_err(|e| TlsError::Config(format!("{}: {e}", dir.display())))?;
+        // For kernel TLS: the keys go to the kernel after the handshake.
+        config.enable_secret_extraction = true;
         Ok(ServerTls {
             mode,
             verify_peer,
@@ -160,10 +164,18 @@ impl ServerTls {
         })
     }
 
-    /// The server side of the handshake on `plain`, all of it by `at`.
+    /// The server side of the handshake on `plain`, all of it by `at`;
+    /// then the record layer goes to the kernel where it can (kTLS).
     pub fn accept(&self, plain: Stream, at: Instant) -> Result<Stream, TlsError> {
         let conn = rustls::ServerConnection::new(self.config.clone()).map_err(config_error)?;
-        handshake(plain, rustls::Connection::Server(conn), at)
+        let (plain, conn, info) = handshake(plain, rustls::Connection::Server(conn), at)?;
+        match kernel::hand_over(plain, conn, info)? {
+            kernel::Outcome::Kernel(s) => Ok(s),
+            kernel::Outcome::User(u) => {
+                let (plain, conn, info) = *u;
+                Ok(Stream::Tls(Arc::new(Channel::new(plain, conn, info))))
+            }
+        }
     }
 }
 
@@ -213,24 +225,32 @@ impl ClientTls {
             ServerName::try_from(host.to_owned()).map_err(|_| TlsError::HostName(host.into()))?;
         let conn =
             rustls::ClientConnection::new(self.config.clone(), name).map_err(config_error)?;
-        handshake(plain, rustls::Connection::Client(conn), at)
+        let (plain, conn, info) = handshake(plain, rustls::Connection::Client(conn), at)?;
+        Ok(Stream::Tls(Arc::new(Channel::new(plain, conn, info))))
     }
 }
 
-/// Runs a handshake to its end on a plain socket, then wraps the socket.
-fn handshake(plain: Stream, mut conn: rustls::Connection, at: Instant) -> Result<Stream, TlsError> {
-    if matches!(plain, Stream::Tls(_)) {
+/// Runs a handshake to its end on a plain socket. Records are read one at
+/// a time, so nothing past the handshake is taken off the socket (what
+/// follows may be for the kernel's record layer).
+fn handshake(
+    plain: Stream,
+    mut conn: rustls::Connection,
+    at: Instant,
+) -> Result<(Stream, rustls::Connection, TlsInfo), TlsError> {
+    if matches!(plain, Stream::Tls(_) | Stream::Ktls(_)) {
         return Err(TlsError::Config("TLS inside TLS".into()));
     }
     {
         let d = Deadline::new(&plain, at);
         let mut io = &d;
+        let mut records = Records::new(&d);
         while conn.is_handshaking() {
             if conn.wants_write() {
                 conn.write_tls(&mut io)?;
                 continue;
             }
-            if conn.read_tls(&mut io)? == 0 {
+            if conn.read_tls(&mut records)? == 0 {
                 return Err(TlsError::Closed);
             }
             if let Err(e) = conn.process_new_packets() {
@@ -267,7 +287,49 @@ fn handshake(plain: Stream, mut conn: rustls::Connection, at: Instant) -> Result
             .and_then(|c| subject(c)),
         kernel: false,
     };
-    Ok(Stream::Tls(Arc::new(Channel::new(plain, conn, info))))
+    Ok((plain, conn, info))
+}
+
+/// Reads TLS records from the socket, never past the end of the current one.
+struct Records<'a> {
+    d: &'a Deadline<'a>,
+    header: [u8; 5],
+    got: usize,
+    /// Body bytes of the current record still to read.
+    left: usize,
+}
+
+impl<'a> Records<'a> {
+    fn new(d: &'a Deadline<'a>) -> Records<'a> {
+        Records {
+            d,
+            header: [0; 5],
+            got: 0,
+            left: 0,
+        }
+    }
+}
+
+impl io::Read for Records<'_> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        let mut r = self.d;
+        if self.left == 0 {
+            // The header first, to learn the body's length.
+            let want = (self.header.len() - self.got).min(out.len());
+            let n = r.read(&mut out[..want])?;
+            self.header[self.got..self.got + n].copy_from_slice(&out[..n]);
+            self.got += n;
+            if self.got == self.header.len() {
+                self.left = usize::from(u16::from_be_bytes([self.header[3], self.header[4]]));
+                self.got = 0;
+            }
+            return Ok(n);
+        }
+        let want = out.len().min(self.left);
+        let n = r.read(&mut out[..want])?;
+        self.left -= n;
+        Ok(n)
+    }
 }
 
 /// A certificate's subject, as `CN=…, O=…`.
