@@ -728,3 +728,48 @@ fn status_shows_tls_clients() {
     );
     drop(s);
 }
+
+/// TLS over a unix socket: nbdinfo with `nbds+unix://` and `flexnbd read
+/// --tls` (the server's certificate must name `localhost`) read the image.
+#[test]
+fn tls_over_a_unix_socket() {
+    let certs = Certs::new();
+    let dir = tempdir();
+    let img = dir.path().join("disk.img");
+    let sock = dir.path().join("nbd.sock");
+    create_random_file(&img, MIB, 131);
+    let server = Serve::unix(&img, &sock)
+        .args(&["--tls", "require", "--tls-certificates"])
+        .arg(&certs.server.display().to_string())
+        .start();
+    let uri = format!(
+        "nbds+unix:///?socket={}&tls-certificates={}",
+        sock.display(),
+        certs.client.display()
+    );
+    assert_eq!(nbdinfo_size(&uri), Ok(MIB), "{}", server.stderr());
+    let s = sock.display().to_string();
+    let d = certs.client.display().to_string();
+    let out = run(
+        Command::new(bin()).args([
+            "read",
+            "--addr",
+            &s,
+            "--from",
+            "4096",
+            "--size",
+            "8192",
+            "--tls",
+            "--tls-certificates",
+            &d,
+        ]),
+        TOOL_TIMEOUT,
+    );
+    out.expect_success("flexnbd read --tls over unix");
+    assert_bytes_eq(
+        &out.stdout,
+        &read_file_at(&img, 4096, 8192),
+        "read over unix TLS",
+    );
+    assert!(nbdinfo_size(&server.unix_uri()).is_err(), "plain over unix");
+}

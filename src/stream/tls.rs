@@ -7,7 +7,10 @@
 //! socket call, so a writer blocked on a slow peer does not stop the reader
 //! (a peer that waits for its requests to be read before it reads replies
 //! would otherwise deadlock). Ciphertext is sent in the order it was
-//! encrypted: the sending lock is held from encryption to the socket.
+//! encrypted: rustls queues records in sequence, and they leave its queue
+//! only under the sending lock, which is held from there to the socket
+//! (writers take the sending lock, then the session; the reader only tries
+//! the sending lock while it holds the session).
 
 use super::{is_timeout, Stream};
 use std::io::{self, Read, Write};
@@ -102,7 +105,7 @@ impl Channel {
         }
         let mut rx = lock(&self.rx);
         loop {
-            let reply = {
+            let more = {
                 let mut c = lock(&self.conn);
                 match c.reader().read(out) {
                     Ok(n) => return Ok(n),
@@ -110,7 +113,7 @@ impl Channel {
                     Err(e) => return Err(e),
                 }
                 if rx.start == rx.end {
-                    None
+                    false
                 } else {
                     let mut s = &rx.buf[rx.start..rx.end];
                     let before = s.len();
@@ -123,28 +126,36 @@ impl Channel {
                     }
                     rx.start += before - s.len();
                     let r = c.process_new_packets();
-                    // Whatever rustls has to say (an alert, a key update) goes out.
-                    let mut said = Vec::new();
-                    while c.wants_write() {
-                        if c.write_tls(&mut said).is_err() {
-                            break;
+                    // What rustls has to say (an alert, a key update) stays in
+                    // its queue, in sequence with what writers encrypt, and
+                    // goes out now if no writer is busy, else with the next
+                    // write or flush. (try_lock: never waits while holding
+                    // the session, so the lock order of writers is safe.)
+                    let mut tx = match c.wants_write() {
+                        true => self.tx.try_lock().ok(),
+                        false => None,
+                    };
+                    if let Some(tx) = tx.as_mut() {
+                        while c.wants_write() {
+                            if c.write_tls(&mut tx.buf).is_err() {
+                                break;
+                            }
                         }
                     }
+                    drop(c);
+                    if let Some(mut tx) = tx {
+                        // Best effort: a timeout leaves the rest for later.
+                        let _ = drain(&self.sock, &mut tx);
+                    }
                     if let Err(e) = r {
-                        drop(c);
-                        self.send_raw(&said);
                         return Err(tls_error(e));
                     }
-                    Some(said)
+                    true
                 }
             };
-            match reply {
-                Some(said) => {
-                    if !said.is_empty() {
-                        self.send_raw(&said);
-                    }
-                }
-                None => {
+            match more {
+                true => {}
+                false => {
                     let n = (&self.sock).read(&mut rx.buf)?;
                     if n == 0 {
                         // The socket closed (with or without close_notify).
@@ -154,18 +165,6 @@ impl Channel {
                     rx.end = n;
                 }
             }
-        }
-    }
-
-    /// Sends ciphertext rustls produced while reading, in order with what
-    /// writers encrypted; best effort (a failure shows on the next call).
-    fn send_raw(&self, b: &[u8]) {
-        let mut tx = lock(&self.tx);
-        if drain(&self.sock, &mut tx).is_ok() {
-            tx.buf.extend_from_slice(b);
-            let _ = drain(&self.sock, &mut tx);
-        } else {
-            tx.buf.extend_from_slice(b);
         }
     }
 
@@ -190,9 +189,17 @@ impl Channel {
         }
     }
 
-    /// Sends whatever ciphertext is still unsent.
+    /// Sends whatever ciphertext is still unsent (including what rustls
+    /// queued while reading).
     pub fn flush(&self) -> io::Result<()> {
-        drain(&self.sock, &mut lock(&self.tx))
+        let mut tx = lock(&self.tx);
+        {
+            let mut c = lock(&self.conn);
+            while c.wants_write() {
+                c.write_tls(&mut tx.buf)?;
+            }
+        }
+        drain(&self.sock, &mut tx)
     }
 
     /// Shuts the socket down. Shutting the write side first says
