@@ -19,16 +19,6 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-const OPT_STARTTLS: u32 = 5;
-const OPT_STRUCTURED_REPLY: u32 = 8;
-const OPT_LIST: u32 = 3;
-const OPT_ABORT: u32 = 2;
-const OPT_EXPORT_NAME: u32 = 1;
-const REP_ERR_POLICY: u32 = 0x8000_0002;
-const REP_ERR_INVALID: u32 = 0x8000_0003;
-const REP_ERR_TLS_REQD: u32 = 0x8000_0005;
-const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
-
 fn nbds(server: &Server, dir: &Path) -> String {
     format!(
         "nbds://127.0.0.1:{}/?tls-certificates={}",
@@ -45,6 +35,15 @@ fn tls_server(img: &Path, mode: &str, certs: &Path, extra: &[&str]) -> Server {
         .args(extra)
         .args(&["--verbose"])
         .start()
+}
+
+/// Certificates, a temp dir and a random image of `size` bytes in it.
+fn setup(size: u64, seed: u64) -> (Certs, tempfile::TempDir, std::path::PathBuf) {
+    let certs = Certs::new();
+    let dir = tempdir();
+    let img = dir.path().join("disk.img");
+    create_random_file(&img, size, seed);
+    (certs, dir, img)
 }
 
 fn nbdinfo_size(uri: &str) -> Result<u64, String> {
@@ -363,10 +362,7 @@ fn flexnbd_read_write_against_nbdkit_and_qemu_nbd_over_tls() {
 /// client is served.
 #[test]
 fn require_refuses_plain_clients() {
-    let certs = Certs::new();
-    let dir = tempdir();
-    let img = dir.path().join("disk.img");
-    create_random_file(&img, MIB, 41);
+    let (certs, _dir, img) = setup(MIB, 41);
     let server = tls_server(&img, "require", &certs.server, &[]);
     let r = Raw::handshake(server.addr());
     for opt in [OPT_GO, OPT_INFO, OPT_LIST, OPT_STRUCTURED_REPLY, 99] {
@@ -397,10 +393,7 @@ fn require_refuses_plain_clients() {
 /// image's.
 #[test]
 fn starttls_forgets_earlier_state_and_refuses_a_second_one() {
-    let certs = Certs::new();
-    let dir = tempdir();
-    let img = dir.path().join("disk.img");
-    create_random_file(&img, MIB, 51);
+    let (certs, _dir, img) = setup(MIB, 51);
     let server = tls_server(&img, "on", &certs.server, &[]);
     assert_eq!(
         nbdinfo_size(&server.uri()),
@@ -438,11 +431,7 @@ fn starttls_forgets_earlier_state_and_refuses_a_second_one() {
     w.flush().unwrap();
     let mut hdr = [0u8; 16];
     (&s).read_exact(&mut hdr).unwrap();
-    assert_eq!(
-        be32(&hdr, 0),
-        SIMPLE_REPLY_MAGIC,
-        "simple reply after STARTTLS"
-    );
+    assert_eq!(be32(&hdr, 0), SIMPLE_MAGIC, "simple reply after STARTTLS");
     assert_eq!((be32(&hdr, 4), be64(&hdr, 8)), (0, 7));
     let mut data = vec![0u8; 512];
     (&s).read_exact(&mut data).unwrap();
@@ -453,10 +442,7 @@ fn starttls_forgets_earlier_state_and_refuses_a_second_one() {
 /// with that reason.
 #[test]
 fn off_refuses_starttls() {
-    let certs = Certs::new();
-    let dir = tempdir();
-    let img = dir.path().join("disk.img");
-    create_random_file(&img, MIB, 61);
+    let (certs, _dir, img) = setup(MIB, 61);
     let server = Serve::tcp(&img).start();
     let r = Raw::handshake(server.addr());
     assert_eq!(opt_final(&r.s, OPT_STARTTLS, &[]), REP_ERR_POLICY);
@@ -478,10 +464,7 @@ fn off_refuses_starttls() {
 /// line; others are served meanwhile and after.
 #[test]
 fn handshake_stopping_half_way_is_cut() {
-    let certs = Certs::new();
-    let dir = tempdir();
-    let img = dir.path().join("disk.img");
-    create_random_file(&img, MIB, 71);
+    let (certs, _dir, img) = setup(MIB, 71);
     let server = tls_server(
         &img,
         "require",
@@ -511,10 +494,7 @@ fn handshake_stopping_half_way_is_cut() {
 /// closes, logs one line, and serves others.
 #[test]
 fn garbage_instead_of_client_hello() {
-    let certs = Certs::new();
-    let dir = tempdir();
-    let img = dir.path().join("disk.img");
-    create_random_file(&img, MIB, 81);
+    let (certs, _dir, img) = setup(MIB, 81);
     let server = tls_server(&img, "require", &certs.server, &[]);
     let mut r = Raw::handshake(server.addr());
     r.send(&opt_bytes(OPT_STARTTLS, &[]));
@@ -539,10 +519,7 @@ fn garbage_instead_of_client_hello() {
 /// or with one from another CA (the server refuses, with a log line).
 #[test]
 fn bad_certificates_are_refused() {
-    let certs = Certs::new();
-    let dir = tempdir();
-    let img = dir.path().join("disk.img");
-    create_random_file(&img, MIB, 91);
+    let (certs, _dir, img) = setup(MIB, 91);
     for (server_dir, why) in [
         (&certs.expired_server, "expired"),
         (&certs.foreign_server, "UnknownIssuer"),
@@ -585,10 +562,7 @@ fn bad_certificates_are_refused() {
 /// `--tls-hostname` is refused, the right one accepted.
 #[test]
 fn server_name_is_checked() {
-    let certs = Certs::new();
-    let dir = tempdir();
-    let img = dir.path().join("disk.img");
-    create_random_file(&img, MIB, 101);
+    let (certs, _dir, img) = setup(MIB, 101);
     let server = tls_server(&img, "require", &certs.server, &[]);
     let port = server.port.unwrap();
     let out = flexnbd_read(
@@ -621,10 +595,7 @@ fn server_name_is_checked() {
 /// without `--tls`.
 #[test]
 fn bad_tls_options_are_refused_at_start() {
-    let certs = Certs::new();
-    let dir = tempdir();
-    let img = dir.path().join("disk.img");
-    create_random_file(&img, MIB, 111);
+    let (certs, dir, img) = setup(MIB, 111);
     let f = img.display().to_string();
     let good = certs.server.display().to_string();
     let empty = dir.path().display().to_string();
@@ -687,10 +658,7 @@ fn bad_tls_options_are_refused_at_start() {
 /// whether it is on TLS and its certificate's subject.
 #[test]
 fn status_shows_tls_clients() {
-    let certs = Certs::new();
-    let dir = tempdir();
-    let img = dir.path().join("disk.img");
-    create_random_file(&img, MIB, 121);
+    let (certs, dir, img) = setup(MIB, 121);
     let sock = dir.path().join("ctl.sock");
     let server = Serve::tcp(&img)
         .control(&sock)
