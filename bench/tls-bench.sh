@@ -7,8 +7,8 @@
 #   bench/tls-bench.sh               # 1 GiB image, 3 reps, 10 s fio
 #   QUICK=1 bench/tls-bench.sh       # smoke run (64 MiB, 1 rep, 3 s fio)
 #
-# Certificates are made here with openssl (a CA, a server certificate for
-# 127.0.0.1, a client certificate); the clients find theirs where libnbd
+# Certificates are made here (bench/make-certs.sh: a CA, a server
+# certificate for 127.0.0.1, a client certificate); the clients find theirs where libnbd
 # looks by default ($HOME/.pki/libnbd), so plain nbds:// URIs work for
 # nbdcopy and fio alike. Needs the shared harness's nbd-bench
 # (BENCH_HARNESS, default ../shared/bench beside the checkout).
@@ -17,7 +17,6 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/.." && pwd)
 HARNESS=${BENCH_HARNESS:-$ROOT/../shared/bench}
 [ -x "$HARNESS/nbd-bench" ] || { echo "nbd-bench not found in $HARNESS (set BENCH_HARNESS)" >&2; exit 1; }
-command -v openssl >/dev/null || { echo "openssl is needed to make the certificates" >&2; exit 1; }
 (cd "$ROOT" && cargo build --release --quiet)
 BIN=$ROOT/target/release/flexnbd
 OUT=${OUT:-$HERE/results}
@@ -34,21 +33,8 @@ trap 'rm -rf "$DIR"' EXIT
 "$HARNESS/nbd-bench" --prepare-only --dir "$DIR" "${ARGS[@]}" >/dev/null
 
 PKI=$DIR/pki
-mkdir -p "$PKI" "$DIR/home/.pki/libnbd"
-(
-    cd "$PKI"
-    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
-        -subj "/CN=bench CA" -keyout ca-key.pem -out ca-cert.pem \
-        -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign
-    for who in server client; do
-        eku=$([ $who = server ] && echo serverAuth || echo clientAuth)
-        openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
-            -subj "/CN=bench $who" -keyout $who-key.pem -out $who.csr
-        printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=%s\n' $eku > $who.ext
-        openssl x509 -req -in $who.csr -CA ca-cert.pem -CAkey ca-key.pem -CAcreateserial \
-            -days 2 -extfile $who.ext -out $who-cert.pem
-    done
-) >/dev/null 2>&1
+"$HERE/make-certs.sh" "$PKI"
+mkdir -p "$DIR/home/.pki/libnbd"
 cp "$PKI/ca-cert.pem" "$PKI/client-cert.pem" "$PKI/client-key.pem" "$DIR/home/.pki/libnbd/"
 export HOME=$DIR/home
 

@@ -47,21 +47,10 @@ for b in "$BIN" "$(command -v nbdcopy)"; do
 done
 mkdir -p "$R/lib64" && cp -L /lib64/ld-linux-x86-64.so.2 "$R/lib64/"
 
-(
-    cd "$R/certs"
-    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
-        -subj "/CN=vm CA" -keyout ca-key.pem -out ca-cert.pem \
-        -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign
-    for who in server client; do
-        eku=$([ $who = server ] && echo serverAuth || echo clientAuth)
-        openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
-            -subj "/CN=vm $who" -keyout $who/$who-key.pem -out $who.csr
-        printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=%s\n' $eku > $who.ext
-        openssl x509 -req -in $who.csr -CA ca-cert.pem -CAkey ca-key.pem -CAcreateserial \
-            -days 2 -extfile $who.ext -out $who/$who-cert.pem
-        cp ca-cert.pem $who/
-    done
-) >/dev/null 2>&1
+"$ROOT/bench/make-certs.sh" "$W/pki"
+for who in server client; do
+    cp "$W/pki/ca-cert.pem" "$W/pki/$who-cert.pem" "$W/pki/$who-key.pem" "$R/certs/$who/"
+done
 
 cat > "$R/init" <<'INIT'
 #!/bin/sh

@@ -95,13 +95,31 @@ fn opt_final(mut s: impl Read + Write, opt: u32, data: &[u8]) -> u32 {
     }
 }
 
-/// Greeting and flags, then STARTTLS (ACK expected) and the TLS handshake
-/// with `dir`'s certificates; the TLS stream in the option phase.
-fn starttls(server: &Server, dir: &Path) -> Result<Stream, String> {
+/// Greeting and flags, then STARTTLS, answered with an ACK: the raw
+/// connection where the TLS handshake starts.
+#[track_caller]
+fn after_starttls(server: &Server) -> Raw {
     let mut r = Raw::handshake(server.addr());
     r.send(&opt_bytes(OPT_STARTTLS, &[]));
     let rep = r.opt_reply();
     assert_eq!((rep.option, rep.kind), (OPT_STARTTLS, REP_ACK), "STARTTLS");
+    r
+}
+
+/// Waits (5 s at most) for `needle` in the server's log.
+#[track_caller]
+fn assert_logged(server: &Server, needle: &str) {
+    assert!(
+        wait_until(Duration::from_secs(5), || server.stderr().contains(needle)),
+        "no {needle:?} in the log:\n{}",
+        server.stderr()
+    );
+}
+
+/// [`after_starttls`], then the TLS handshake with `dir`'s certificates;
+/// the TLS stream in the option phase.
+fn starttls(server: &Server, dir: &Path) -> Result<Stream, String> {
+    let r = after_starttls(server);
     let tls = ClientTls::load(dir, None).map_err(|e| e.to_string())?;
     tls.connect(
         Stream::Tcp(r.s),
@@ -471,22 +489,14 @@ fn handshake_stopping_half_way_is_cut() {
         &certs.server,
         &["--handshake-timeout", "2"],
     );
-    let mut r = Raw::handshake(server.addr());
-    r.send(&opt_bytes(OPT_STARTTLS, &[]));
-    assert_eq!(r.opt_reply().kind, REP_ACK);
+    let mut r = after_starttls(&server);
     // A TLS record header promising 512 bytes of ClientHello, then 5 of them.
     r.send(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03]);
     still_serves(&server, &certs, MIB);
     let t0 = Instant::now();
     r.expect_closed();
     assert!(t0.elapsed() < Duration::from_secs(5), "cut at the timeout");
-    assert!(
-        wait_until(Duration::from_secs(5), || server
-            .stderr()
-            .contains("TLS handshake not completed in time")),
-        "{}",
-        server.stderr()
-    );
+    assert_logged(&server, "TLS handshake not completed in time");
     still_serves(&server, &certs, MIB);
 }
 
@@ -496,20 +506,12 @@ fn handshake_stopping_half_way_is_cut() {
 fn garbage_instead_of_client_hello() {
     let (certs, _dir, img) = setup(MIB, 81);
     let server = tls_server(&img, "require", &certs.server, &[]);
-    let mut r = Raw::handshake(server.addr());
-    r.send(&opt_bytes(OPT_STARTTLS, &[]));
-    assert_eq!(r.opt_reply().kind, REP_ACK);
+    let mut r = after_starttls(&server);
     let _ = r.try_send(&[0x42; 300]);
     let got = r.expect_closed();
     // At most a TLS alert record (content type 21).
     assert!(got.is_empty() || got[0] == 21, "{got:02x?}");
-    assert!(
-        wait_until(Duration::from_secs(5), || server
-            .stderr()
-            .contains("TLS handshake failed")),
-        "{}",
-        server.stderr()
-    );
+    assert_logged(&server, "TLS handshake failed");
     still_serves(&server, &certs, MIB);
 }
 
