@@ -11,24 +11,8 @@
 # Needs the shared harness's nbd-bench (BENCH_HARNESS, default ../shared/bench
 # beside the checkout). Results go to OUT (default bench/results/).
 set -euo pipefail
-HERE=$(cd "$(dirname "$0")" && pwd)
-ROOT=$(cd "$HERE/.." && pwd)
-HARNESS=${BENCH_HARNESS:-$ROOT/../shared/bench}
-[ -x "$HARNESS/nbd-bench" ] || { echo "nbd-bench not found in $HARNESS (set BENCH_HARNESS)" >&2; exit 1; }
-(cd "$ROOT" && cargo build --release --quiet)
-BIN=$ROOT/target/release/flexnbd
-OUT=${OUT:-$HERE/results}
-mkdir -p "$OUT"
-TSV=${TSV:-$OUT/proxy-$(date +%Y%m%d-%H%M%S).tsv}
-WORKLOADS=${WORKLOADS:-seqread-c1,seqwrite,randread4k,randwrite4k}
-if [ -n "${QUICK:-}" ]; then
-    ARGS=(--size 64M --reps 1 --fio-runtime 3)
-else
-    ARGS=(--size "${SIZE:-1G}" --reps "${REPS:-3}" --fio-runtime "${FIO_RUNTIME:-10}")
-fi
-DIR=$(mktemp -d /dev/shm/proxy-bench.XXXXXX 2>/dev/null || mktemp -d)
-trap 'rm -rf "$DIR"' EXIT
-"$HARNESS/nbd-bench" --prepare-only --dir "$DIR" "${ARGS[@]}" >/dev/null
+. "$(dirname "$0")/lib.sh"
+bench_init proxy
 
 # The upstream listens beside the proxy: TCP on PORT+1, unix on SOCK.up. The
 # proxy starts once the upstream answers (it refuses to start without one).

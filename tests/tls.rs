@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::certs::{Certs, CLIENT_CN};
+use common::certs::{nbds_uri, Certs, CLIENT_CN};
 use common::*;
 use flexnbd::stream::Stream;
 use flexnbd::tls::ClientTls;
@@ -20,11 +20,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 fn nbds(server: &Server, dir: &Path) -> String {
-    format!(
-        "nbds://127.0.0.1:{}/?tls-certificates={}",
-        server.port.unwrap(),
-        dir.display()
-    )
+    nbds_uri(server.port.unwrap(), dir)
 }
 
 /// `flexnbd serve` on `img` with TLS in `mode` from `certs` and `extra`.

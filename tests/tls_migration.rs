@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::certs::Certs;
+use common::certs::{nbds_uri, Certs};
 use common::*;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -37,11 +37,7 @@ fn migration_over_tls_under_a_writer() {
             &cdir,
         ])
         .start();
-    let uri = format!(
-        "nbds://127.0.0.1:{}/?tls-certificates={}",
-        src.addr().port(),
-        certs.client.display()
-    );
+    let uri = nbds_uri(src.addr().port(), &certs.client);
     let mut writer = LoadWriter::start(&uri, 8, 5);
     let t0 = Instant::now();
     // The server's own directory holds its client certificate.
@@ -196,11 +192,7 @@ fn proxy_with_tls_on_both_sides() {
         .args(&["--conn-tls", "--conn-tls-certificates", &cdir])
         .args(&["--tls", "require", "--tls-certificates", &cdir])
         .start();
-    let uri = format!(
-        "nbds://127.0.0.1:{}/?tls-certificates={}",
-        proxy.port.unwrap(),
-        certs.client.display()
-    );
+    let uri = nbds_uri(proxy.port.unwrap(), &certs.client);
     run(Command::new("nbdcopy").arg(&uri).arg(&back), TOOL_TIMEOUT)
         .expect_success("nbdcopy out through the proxy");
     assert_eq!(md5_file(&back), md5_file(&img));

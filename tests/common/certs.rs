@@ -167,3 +167,11 @@ impl Certs {
         c
     }
 }
+
+/// `nbds://127.0.0.1:PORT/?tls-certificates=DIR`.
+pub fn nbds_uri(port: u16, dir: &Path) -> String {
+    format!(
+        "nbds://127.0.0.1:{port}/?tls-certificates={}",
+        dir.display()
+    )
+}
