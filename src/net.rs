@@ -11,6 +11,7 @@ pub const MIGRATION_USER_TIMEOUT: Duration = Duration::from_secs(30);
 /// interval 10 s, 3 probes), as the C flexnbd.
 pub fn tune_client_tcp(s: &TcpStream) {
     let _ = s.set_nodelay(true);
+    loopback_congestion(s);
     let ka = socket2::TcpKeepalive::new()
         .with_time(Duration::from_secs(30))
         .with_interval(Duration::from_secs(10))
@@ -23,6 +24,7 @@ pub fn tune_client_tcp(s: &TcpStream) {
 /// `TCP_USER_TIMEOUT` for data the peer never acknowledges.
 pub fn tune_migration_tcp(s: &TcpStream) {
     let _ = s.set_nodelay(true);
+    loopback_congestion(s);
     let ka = socket2::TcpKeepalive::new()
         .with_time(Duration::from_secs(5))
         .with_interval(Duration::from_secs(2))
@@ -30,6 +32,41 @@ pub fn tune_migration_tcp(s: &TcpStream) {
     let sock = socket2::SockRef::from(s);
     let _ = sock.set_tcp_keepalive(&ka);
     let _ = sock.set_tcp_user_timeout(Some(MIGRATION_USER_TIMEOUT));
+}
+
+/// An outgoing connection (to a server, or a proxy's upstream): TCP_NODELAY
+/// and [`loopback_congestion`].
+pub fn tune_outgoing_tcp(s: &TcpStream) -> std::io::Result<()> {
+    s.set_nodelay(true)?;
+    loopback_congestion(s);
+    Ok(())
+}
+
+/// On a connection within this host (the peer is a loopback address, or
+/// this socket's own address), a pacing congestion control (BBR, which
+/// many hosts make the default) is swapped for CUBIC, or Reno where CUBIC
+/// is not built: there is no path to probe on loopback, and BBR's pacing
+/// timers cost about as much CPU again per byte and cap a 256 KiB stream
+/// well below what the cores can do (measured in `docs/architecture.md`).
+/// Other algorithms, and connections that leave the host, are left alone.
+pub fn loopback_congestion(s: &TcpStream) {
+    let (Ok(peer), Ok(local)) = (s.peer_addr(), s.local_addr()) else {
+        return;
+    };
+    let peer_ip = crate::addr::canonical_ip(peer.ip());
+    if !(peer_ip.is_loopback() || peer_ip == crate::addr::canonical_ip(local.ip())) {
+        return;
+    }
+    let sock = socket2::SockRef::from(s);
+    match sock.tcp_congestion() {
+        Ok(name) if name.starts_with(b"bbr") => {}
+        _ => return,
+    }
+    for alg in [&b"cubic"[..], b"reno"] {
+        if sock.set_tcp_congestion(alg).is_ok() {
+            return;
+        }
+    }
 }
 
 /// Whether `ip` is an address of this host (loopback, unspecified, or one
@@ -68,6 +105,28 @@ pub fn proxy_buffers(s: std::os::fd::BorrowedFd<'_>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn loopback_connections_leave_bbr_for_cubic() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let sock = socket2::SockRef::from(&c);
+        if sock.set_tcp_congestion(b"bbr").is_err() {
+            eprintln!("this kernel has no BBR; nothing to swap");
+            return;
+        }
+        loopback_congestion(&c);
+        let now = sock.tcp_congestion().unwrap();
+        assert!(
+            now.starts_with(b"cubic") || now.starts_with(b"reno"),
+            "{}",
+            String::from_utf8_lossy(&now)
+        );
+        // Other algorithms are left as they are.
+        sock.set_tcp_congestion(b"reno").unwrap();
+        loopback_congestion(&c);
+        assert!(sock.tcp_congestion().unwrap().starts_with(b"reno"));
+    }
 
     #[test]
     fn migration_sockets_get_keepalive_and_a_user_timeout() {

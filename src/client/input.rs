@@ -25,6 +25,12 @@ impl ReplyInput for &Stream {}
 /// to their destination once the buffer is empty.
 const BUF: usize = 64 * 1024;
 
+/// While READ data goes into the pipe, a refill of the buffer takes no more
+/// than the end of one reply (a 20-byte chunk) and the next one's header
+/// with its offset, so the next reply's data is not copied through the
+/// buffer before it is spliced.
+const HEADER_AHEAD: usize = 64;
+
 /// A buffered reader of a stream shared with the sending half.
 #[derive(Debug)]
 pub(crate) struct Input {
@@ -32,6 +38,8 @@ pub(crate) struct Input {
     buf: Box<[u8]>,
     start: usize,
     end: usize,
+    /// How much a refill of the buffer asks for.
+    ahead: usize,
 }
 
 impl Input {
@@ -41,7 +49,14 @@ impl Input {
             buf: vec![0u8; BUF].into_boxed_slice(),
             start: 0,
             end: 0,
+            ahead: BUF,
         }
+    }
+
+    /// A reply's data did not go into the pipe: refills take as much as
+    /// is there again (many small replies per `recv`).
+    pub(crate) fn read_ahead(&mut self) {
+        self.ahead = BUF;
     }
 
     /// Bytes already read from the socket and not yet taken.
@@ -57,7 +72,7 @@ impl Read for Input {
                 return (&*self.stream).read(out);
             }
             self.start = 0;
-            self.end = (&*self.stream).read(&mut self.buf)?;
+            self.end = (&*self.stream).read(&mut self.buf[..self.ahead])?;
         }
         let n = out.len().min(self.end - self.start);
         out[..n].copy_from_slice(&self.buf[self.start..self.start + n]);
@@ -78,6 +93,8 @@ impl ReplyInput for Input {
         let Some(from) = self.stream.plain_fd() else {
             return Err(io::ErrorKind::Unsupported.into());
         };
+        // The replies that follow are likely READ data for the pipe too.
+        self.ahead = HEADER_AHEAD;
         while left > 0 {
             match crate::sys::splice(from, pipe.w.as_fd(), left, false) {
                 Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),

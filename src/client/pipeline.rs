@@ -455,6 +455,9 @@ impl Receiver {
                     }
                     body = Body::Empty;
                 }
+                if !matches!(body, Body::Piped { .. }) {
+                    self.input.read_ahead();
+                }
                 return Ok(Some(Completion {
                     cookie,
                     result,

@@ -70,7 +70,7 @@ fn connect_tcp(addr: SocketAddr, opts: &ConnectOptions) -> Result<Stream, Opened
     if opts.migration {
         crate::net::tune_migration_tcp(&s);
     } else {
-        s.set_nodelay(true)?;
+        crate::net::tune_outgoing_tcp(&s)?;
     }
     Ok(Stream::Tcp(s))
 }
