@@ -80,6 +80,7 @@ pub fn server_handshake(data: &[u8]) {
             &mut conn,
             Instant::now() + PEER_LIMIT,
             &info,
+            &crate::server::ExportNames::default(),
             None,
             &shutting_down,
         ) {

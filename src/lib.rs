@@ -22,7 +22,8 @@
 //!   `FILE.INCOMPLETE` marker, the one sender slot (a silent sender is
 //!   replaced), and the rule for when the image has arrived.
 //! - [`server`]: listeners, ACL at accept (and `--max-clients`), handshake
-//!   (one deadline, `--handshake-timeout`), one session per connection
+//!   (one deadline, `--handshake-timeout`; the one export name,
+//!   `--export-name`, and its description), one session per connection
 //!   (`server::session`; requests run in `server::exec`, replies leave
 //!   through `server::out` with a send deadline); what a session serves
 //!   from is a `server::Backend` (the image, or the proxy's upstream);

@@ -1245,9 +1245,9 @@ fn block_status_error(c: &mut Raw, cookie: u64) -> u32 {
 
 /// Expected: a SET_META_CONTEXT that fails (malformed data, or a query
 /// without a namespace) clears
-/// the selection made before it, so BLOCK_STATUS gets EINVAL; a selection
-/// made for one export name does not carry to a GO for another; one made for
-/// the name that GO uses works.
+/// the selection made before it, so BLOCK_STATUS gets EINVAL; so does one
+/// for an export name the server lacks; one made for the name that GO uses
+/// works.
 #[test]
 fn a_failed_set_meta_context_clears_the_selection_and_names_count() {
     let s = setup(MIB, &[]);
@@ -1306,10 +1306,17 @@ fn a_failed_set_meta_context_clears_the_selection_and_names_count() {
         "LIST leaves the selection"
     );
 
-    // Chosen for another export name, then GO for "".
+    // A SET for an export name this server lacks is refused (ERR_UNKNOWN)
+    // and, as any failed SET, clears what was chosen before; GO for "".
     let mut c = Raw::handshake(s.srv.addr());
     c.opt(OPT_STRUCTURED_REPLY, &[]);
-    select(&mut c, "other");
+    select(&mut c, "");
+    let r = c.opt(
+        OPT_SET_META_CONTEXT,
+        &meta_data_for("other", &["base:allocation"]),
+    );
+    assert_eq!(r.len(), 1, "{r:?}");
+    assert_eq!(r[0].kind, REP_ERR_UNKNOWN, "{r:?}");
     c.go();
     assert_eq!(
         block_status_error(&mut c, 5),

@@ -52,8 +52,21 @@ pub struct Args {
     /// The name the destination's certificate must carry (default: ADDR).
     #[arg(long, value_name = "NAME", requires = "tls")]
     pub tls_hostname: Option<String>,
+    /// The export to ask the destination for (its --export-name; default:
+    /// the empty name).
+    #[arg(long, value_name = "NAME", value_parser = control_line_name)]
+    pub export_name: Option<String>,
     #[command(flatten)]
     pub global: Global,
+}
+
+/// An export name that fits on a control line (no line break).
+fn control_line_name(s: &str) -> Result<String, String> {
+    let s = super::names::export_name_arg(s)?;
+    if s.contains(['\n', '\r']) {
+        return Err("contains a line break".into());
+    }
+    Ok(s)
 }
 
 pub fn run(args: Args) -> anyhow::Result<i32> {
@@ -87,6 +100,9 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         if let Some(h) = &args.tls_hostname {
             lines.push(format!("tls-hostname={h}"));
         }
+    }
+    if let Some(n) = &args.export_name {
+        lines.push(format!("export-name={n}"));
     }
     let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
     let mut conv = Conversation::open(&args.sock, &refs, Instant::now() + START_TIMEOUT)?;

@@ -7,6 +7,7 @@ pub mod break_cmd;
 pub mod listen;
 pub mod mirror;
 pub mod mirror_speed;
+pub mod names;
 pub mod pause;
 pub mod program;
 pub mod proxy;

@@ -1,6 +1,7 @@
 //! `flexnbd proxy` (also the `flexnbd-proxy` program): serve clients from an
 //! upstream NBD server, riding out its restarts and migrations.
 
+use super::names::{export_name_arg, NameArgs};
 use super::serve::{clients_arg, ip_arg, port_arg, seconds_arg};
 use super::tls::ServerTlsArgs;
 use super::Global;
@@ -34,6 +35,10 @@ pub struct Args {
     /// The upstream server's unix socket.
     #[arg(long, value_name = "PATH", conflicts_with_all = ["conn_addr", "conn_port"])]
     pub conn_unix: Option<PathBuf>,
+    /// The export to ask the upstream for (default: the --export-name
+    /// clients ask the proxy for).
+    #[arg(long, value_name = "NAME", value_parser = export_name_arg)]
+    pub conn_export_name: Option<String>,
     /// The local address to connect to the upstream from.
     #[arg(short = 'b', long, value_name = "ADDR", value_parser = ip_arg)]
     pub bind: Option<IpAddr>,
@@ -83,6 +88,8 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value_t = crate::server::MAX_CLIENTS,
           value_parser = clients_arg)]
     pub max_clients: usize,
+    #[command(flatten)]
+    pub names: NameArgs,
     #[command(flatten)]
     pub tls: ServerTlsArgs,
     /// Connect to the upstream with TLS (NBD_OPT_STARTTLS).
@@ -183,6 +190,10 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             multi_conn: args.multi_conn,
             track_dirty: args.multi_conn_track_dirty,
             cache: args.cache.unwrap_or(0),
+            export_name: args
+                .conn_export_name
+                .clone()
+                .unwrap_or_else(|| args.names.export_name.clone()),
             tls: super::tls::client_tls(
                 args.conn_tls,
                 args.conn_tls_certificates.as_deref(),
@@ -196,6 +207,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         handshake_timeout: args.handshake_timeout,
         max_clients: args.max_clients,
         tls: args.tls.load()?,
+        names: args.names.names(),
         send_timeout: crate::daemon::env_secs(
             "FLEXNBD_SEND_TIMEOUT_SECS",
             crate::server::SEND_TIMEOUT,

@@ -36,6 +36,10 @@ pub struct Args {
     pub bind: Option<IpAddr>,
     #[command(flatten)]
     pub timeouts: Timeouts,
+    /// The export to ask a newstyle server for (default: the empty name).
+    #[arg(long, value_name = "NAME", default_value = "",
+          value_parser = super::names::export_name_arg)]
+    pub export_name: String,
     #[command(flatten)]
     pub tls: ClientTlsArgs,
     #[command(flatten)]
@@ -58,7 +62,13 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     args.global.apply();
     check_limits(args.from, args.size)?;
     let endpoint = endpoint(&args.addr, args.port)?;
-    let mut conn = connect(&endpoint, args.bind, args.timeouts, &args.tls)?;
+    let mut conn = connect(
+        &endpoint,
+        args.bind,
+        args.timeouts,
+        &args.tls,
+        &args.export_name,
+    )?;
     if args.size > 0 {
         let mut out = std::fs::File::from(
             std::io::stdout()
@@ -99,9 +109,11 @@ pub(crate) fn connect(
     bind: Option<IpAddr>,
     t: Timeouts,
     tls: &ClientTlsArgs,
+    export_name: &str,
 ) -> anyhow::Result<Connection> {
     let opts = ConnectOptions {
         bind,
+        export_name: export_name.to_owned(),
         tls: tls.load()?,
         connect_timeout: t.connect_timeout,
         greeting_timeout: t.reply_timeout,

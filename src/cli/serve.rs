@@ -1,5 +1,6 @@
 //! `flexnbd serve`: serve a file over NBD until signalled or migrated away.
 
+use super::names::NameArgs;
 use super::tls::ServerTlsArgs;
 use super::Global;
 use crate::addr::{parse_ip, parse_port, Endpoint};
@@ -47,6 +48,8 @@ pub struct ServeOpts {
     #[arg(long, value_name = "N", default_value_t = crate::server::MAX_CLIENTS,
           value_parser = clients_arg)]
     pub max_clients: usize,
+    #[command(flatten)]
+    pub names: NameArgs,
     #[command(flatten)]
     pub tls: ServerTlsArgs,
     #[command(flatten)]
@@ -134,6 +137,7 @@ impl ServeOpts {
             rebind,
             pause_control: self.pause_control.clone(),
             tls: self.tls.load()?,
+            names: self.names.names(),
         })
     }
 }

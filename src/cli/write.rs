@@ -29,6 +29,10 @@ pub struct Args {
     pub bind: Option<IpAddr>,
     #[command(flatten)]
     pub timeouts: Timeouts,
+    /// The export to ask a newstyle server for (default: the empty name).
+    #[arg(long, value_name = "NAME", default_value = "",
+          value_parser = super::names::export_name_arg)]
+    pub export_name: String,
     #[command(flatten)]
     pub tls: ClientTlsArgs,
     #[command(flatten)]
@@ -39,7 +43,13 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     args.global.apply();
     check_limits(args.from, args.size)?;
     let endpoint = endpoint(&args.addr, args.port)?;
-    let mut conn = connect(&endpoint, args.bind, args.timeouts, &args.tls)?;
+    let mut conn = connect(
+        &endpoint,
+        args.bind,
+        args.timeouts,
+        &args.tls,
+        &args.export_name,
+    )?;
     if args.size > 0 {
         let mut input = std::fs::File::from(
             std::io::stdin()

@@ -8,7 +8,8 @@
 //!   then followed, on the same connection, by a second line with the outcome
 //!   (as `mirror_wait` gives), sent before the server exits at a hand-over.
 //!   After those, `tls` migrates over TLS, optionally followed by
-//!   `tls-certificates=DIR` and `tls-hostname=NAME`.
+//!   `tls-certificates=DIR` and `tls-hostname=NAME`; `export-name=NAME`
+//!   (anywhere among those) is the export asked of the destination.
 //! - An empty line cannot be an argument (it ends the request), so "no bind address"
 //!   is spelled as an unspecified address (`0`, `0.0.0.0`, `::`) in the BIND position.
 //! - A MAX_BPS of `0` in `mirror` means "no limit". `mirror_max_bps` passes its value
@@ -82,6 +83,8 @@ pub enum CommandError {
         "mirror TLS lines: tls, then at most one tls-certificates=DIR and one tls-hostname=NAME"
     )]
     BadMirrorTls,
+    #[error("mirror: at most one export-name=NAME line")]
+    BadMirrorExportName,
     #[error("mirror_max_bps takes exactly one parameter")]
     MaxBpsParameterCount,
     #[error("{0} takes no parameters")]
@@ -156,11 +159,20 @@ pub fn parse<S: AsRef<str>>(lines: &[S]) -> Result<Command, CommandError> {
 /// last). RETRIES is a number or `forever`; `wait` asks for a second reply
 /// line with the outcome.
 fn parse_mirror(all: &[&str]) -> Result<MirrorRequest, CommandError> {
-    // TLS lines (`tls`, `tls-certificates=DIR`, `tls-hostname=NAME`) may
-    // follow the positional ones.
-    let (args, tls_lines): (Vec<&str>, Vec<&str>) = match all.iter().position(|a| is_tls_line(a)) {
+    // Option lines (`tls`, `tls-certificates=DIR`, `tls-hostname=NAME`,
+    // `export-name=NAME`) may follow the positional ones.
+    let (args, opt_lines): (Vec<&str>, Vec<&str>) = match all.iter().position(|a| is_option_line(a))
+    {
         Some(i) if i >= 2 => (all[..i].to_vec(), all[i..].to_vec()),
         _ => (all.to_vec(), Vec::new()),
+    };
+    let (names, tls_lines): (Vec<&str>, Vec<&str>) = opt_lines
+        .iter()
+        .partition(|l| l.starts_with("export-name="));
+    let export_name = match names.as_slice() {
+        [] => String::new(),
+        [n] => n["export-name=".len()..].to_owned(),
+        _ => return Err(CommandError::BadMirrorExportName),
     };
     let tls = parse_mirror_tls(&tls_lines)?;
     let args = args.as_slice();
@@ -203,11 +215,15 @@ fn parse_mirror(all: &[&str]) -> Result<MirrorRequest, CommandError> {
         retries,
         wait,
         tls,
+        export_name,
     })
 }
 
-fn is_tls_line(a: &str) -> bool {
-    a == "tls" || a.starts_with("tls-certificates=") || a.starts_with("tls-hostname=")
+fn is_option_line(a: &str) -> bool {
+    a == "tls"
+        || a.starts_with("tls-certificates=")
+        || a.starts_with("tls-hostname=")
+        || a.starts_with("export-name=")
 }
 
 /// The TLS lines of `mirror`: `tls` turns TLS on, the others refine it.

@@ -170,6 +170,8 @@ pub struct MirrorRequest {
     pub wait: bool,
     /// Migrate over TLS.
     pub tls: Option<MirrorTls>,
+    /// The export to ask the destination for (default: the empty name).
+    pub export_name: String,
 }
 
 /// TLS for a migration: the certificate directory (default: the server's

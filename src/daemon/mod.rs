@@ -49,6 +49,8 @@ pub struct Config {
     pub pause_control: Option<PathBuf>,
     /// TLS offered or required to clients (and to a migration's sender).
     pub tls: Option<Arc<crate::tls::ServerTls>>,
+    /// The export name clients ask for (`--export-name`) and its description.
+    pub names: crate::server::ExportNames,
 }
 
 /// Where to listen after an incoming migration has arrived.
@@ -185,6 +187,7 @@ pub fn run(opts: &Config) -> anyhow::Result<i32> {
             send_timeout: env_secs("FLEXNBD_SEND_TIMEOUT_SECS", crate::server::SEND_TIMEOUT)?,
             max_clients,
             tls: opts.tls.clone(),
+            names: opts.names.clone(),
         },
         acl,
     );

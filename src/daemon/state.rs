@@ -256,6 +256,7 @@ impl Handler for Control {
         };
         let spec = Spec {
             tls,
+            export_name: req.export_name.clone(),
             dest: req.dest,
             bind: req.bind,
             action: req.action,

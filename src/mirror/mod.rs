@@ -61,6 +61,8 @@ pub struct Spec {
     pub stall: Duration,
     /// TLS to the destination.
     pub tls: Option<Arc<crate::tls::ClientTls>>,
+    /// The export asked of the destination (`mirror --export-name`).
+    pub export_name: String,
 }
 
 /// Why a migration could not start; the texts are the control socket replies.
@@ -146,6 +148,7 @@ fn connect(s: &Shared) -> Result<Connection, ConnectFailure> {
         migration: true,
         cancel: Some(s.cancel.clone()),
         tls: spec.tls.clone(),
+        export_name: spec.export_name.clone(),
         ..ConnectOptions::default()
     };
     let fail = |kind, detail: String| {
@@ -162,6 +165,8 @@ fn connect(s: &Shared) -> Result<Connection, ConnectFailure> {
             }
             // TLS refused, or a certificate not accepted, either way.
             ClientError::Tls(_) => StartError::Rejected,
+            // No export of that name there (NBD_REP_ERR_UNKNOWN).
+            ClientError::OptionRefused { .. } => StartError::Rejected,
             _ => StartError::NoResponse,
         };
         fail(kind, e.to_string())

@@ -63,6 +63,8 @@ pub struct Config {
     pub send_timeout: Duration,
     /// TLS towards the proxy's clients (`--tls`).
     pub tls: Option<Arc<crate::tls::ServerTls>>,
+    /// The export name the proxy's clients ask for (`--export-name`).
+    pub names: srv::ExportNames,
 }
 
 /// Why the proxy could not start.
@@ -129,6 +131,7 @@ pub fn run(cfg: &Config) -> Result<i32, ProxyError> {
             send_timeout: cfg.send_timeout,
             max_clients: srv::fit_clients(cfg.max_clients, FDS_PER_CLIENT),
             tls: cfg.tls.clone(),
+            names: cfg.names.clone(),
         },
         acl,
     );

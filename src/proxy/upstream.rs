@@ -58,6 +58,8 @@ pub struct Settings {
     pub cache: u32,
     /// TLS to the upstream (`--conn-tls`).
     pub tls: Option<Arc<crate::tls::ClientTls>>,
+    /// The export asked for upstream (`--conn-export-name`).
+    pub export_name: String,
 }
 
 /// Reads and writes larger than this are refused (the proxy keeps every
@@ -269,7 +271,7 @@ fn connect(
         bind: set.bind,
         connect_timeout: set.timeout.min(crate::client::CONNECT_TIMEOUT),
         greeting_timeout: set.timeout,
-        export_name: String::new(),
+        export_name: set.export_name.clone(),
         structured_replies: true,
         base_allocation: true,
         request_timeout: Some(set.timeout),

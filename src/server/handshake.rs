@@ -35,6 +35,16 @@ pub const LOCAL_CAPS: u16 = FLAG_SEND_FLUSH
     | FLAG_SEND_FAST_ZERO
     | FLAG_SEND_DF;
 
+/// The export's name as clients ask for it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExportNames {
+    /// The one export name served (`--export-name`, default empty); a client
+    /// asking for another is refused.
+    pub name: String,
+    /// `NBD_INFO_DESCRIPTION` and the `NBD_OPT_LIST` entry (`--description`).
+    pub description: Option<String>,
+}
+
 /// What the export looks like to the handshake.
 #[derive(Debug, Clone, Copy)]
 pub struct ExportInfo {
@@ -87,6 +97,8 @@ pub enum HandshakeError {
     Proto(#[from] ProtoError),
     #[error("{0}")]
     Refused(&'static str),
+    #[error("the client asked for export {asked:?}; this server serves {served:?}")]
+    UnknownExport { asked: String, served: String },
     #[error("{0}")]
     Tls(TlsError),
     #[error("I/O error: {0}")]
@@ -129,6 +141,7 @@ pub fn negotiate(
     conn: &mut Stream,
     at: Instant,
     info: &ExportInfo,
+    names: &ExportNames,
     tls: Option<&ServerTls>,
     shutting_down: &AtomicBool,
 ) -> Result<Negotiated, HandshakeError> {
@@ -155,6 +168,7 @@ pub fn negotiate(
         conn,
         at,
         info,
+        names,
         tls,
         tls_up: false,
         tls_refused: false,
@@ -170,6 +184,7 @@ struct Haggle<'a> {
     conn: &'a mut Stream,
     at: Instant,
     info: &'a ExportInfo,
+    names: &'a ExportNames,
     tls: Option<&'a ServerTls>,
     /// STARTTLS succeeded: `conn` is a TLS stream.
     tls_up: bool,
@@ -229,6 +244,18 @@ impl Haggle<'_> {
         self.base_allocation = false;
         self.meta_export = None;
         Ok(())
+    }
+
+    /// The message for a client asking for an export this server lacks.
+    fn unknown(&self, asked: &str) -> String {
+        warn!(
+            "a client asked for export {asked:?}; this server serves {:?}",
+            self.names.name
+        );
+        format!(
+            "no export named {asked:?} here; this server serves {:?}",
+            self.names.name
+        )
     }
 
     fn error(&self, option: u32, kind: u32, msg: &str) -> io::Result<()> {
@@ -313,6 +340,13 @@ impl Haggle<'_> {
                 let Some(name) = valid_string(data) else {
                     return Err(HandshakeError::Refused("bad export name"));
                 };
+                // EXPORT_NAME has no error reply: an unknown name is a close.
+                if name != self.names.name {
+                    return Err(HandshakeError::UnknownExport {
+                        asked: name.to_owned(),
+                        served: self.names.name.clone(),
+                    });
+                }
                 let n = self.negotiated(name);
                 self.send(&export_name_reply(
                     self.info.size,
@@ -330,7 +364,8 @@ impl Haggle<'_> {
                 if !data.is_empty() {
                     self.error(opt, REP_ERR_INVALID, "NBD_OPT_LIST takes no data")?;
                 } else {
-                    self.reply(opt, REP_SERVER, &rep_server("", ""))?;
+                    let desc = self.names.description.as_deref().unwrap_or("");
+                    self.reply(opt, REP_SERVER, &rep_server(&self.names.name, desc))?;
                     self.reply(opt, REP_ACK, &[])?;
                 }
                 Ok(None)
@@ -374,6 +409,11 @@ impl Haggle<'_> {
                 return Ok(None);
             }
         };
+        if req.name != self.names.name {
+            let msg = self.unknown(&req.name);
+            self.error(opt, REP_ERR_UNKNOWN, &msg)?;
+            return Ok(None);
+        }
         let n = self.negotiated(&req.name);
         self.reply(opt, REP_INFO, &info_export(self.info.size, n.flags))?;
         // Block sizes are always sent: clients that did not ask may ignore them.
@@ -387,10 +427,12 @@ impl Haggle<'_> {
             ),
         )?;
         if req.infos.contains(&INFO_NAME) {
-            self.reply(opt, REP_INFO, &info_string(INFO_NAME, &req.name))?;
+            self.reply(opt, REP_INFO, &info_string(INFO_NAME, &self.names.name))?;
         }
         if req.infos.contains(&INFO_DESCRIPTION) {
-            self.reply(opt, REP_INFO, &info_string(INFO_DESCRIPTION, "flexnbd"))?;
+            if let Some(d) = &self.names.description {
+                self.reply(opt, REP_INFO, &info_string(INFO_DESCRIPTION, d))?;
+            }
         }
         self.reply(opt, REP_ACK, &[])?;
         Ok(if opt == OPT_GO { Some(n) } else { None })
@@ -413,6 +455,10 @@ impl Haggle<'_> {
             Ok(r) => r,
             Err(_) => return self.error(opt, REP_ERR_INVALID, "malformed meta context data"),
         };
+        if req.name != self.names.name {
+            let msg = self.unknown(&req.name);
+            return self.error(opt, REP_ERR_UNKNOWN, &msg);
+        }
         if req.queries.iter().any(|q| !q.contains(':')) {
             return self.error(opt, REP_ERR_INVALID, "a query must start with a namespace");
         }

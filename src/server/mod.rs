@@ -22,6 +22,7 @@ use crate::acl::{Acl, AclEntry};
 use crate::export::Export;
 use crate::stream::{Stream, TlsInfo};
 use crate::tls::ServerTls;
+pub use handshake::ExportNames;
 use handshake::{negotiate, ExportInfo, HandshakeError, Negotiated};
 use session::Session;
 use std::collections::HashMap;
@@ -77,6 +78,8 @@ pub struct Config {
     pub max_clients: usize,
     /// TLS offered or required (`--tls`), with its certificates.
     pub tls: Option<Arc<ServerTls>>,
+    /// The export name clients must ask for, and its description.
+    pub names: ExportNames,
 }
 
 impl Default for Config {
@@ -87,6 +90,7 @@ impl Default for Config {
             send_timeout: SEND_TIMEOUT,
             max_clients: MAX_CLIENTS,
             tls: None,
+            names: ExportNames::default(),
         }
     }
 }
@@ -436,7 +440,8 @@ impl Server {
         let mut conn = conn;
         let at = Instant::now() + self.config.handshake_timeout;
         let tls = self.config.tls.as_deref();
-        let neg = match negotiate(&mut conn, at, &info, tls, &self.shutting_down) {
+        let names = &self.config.names;
+        let neg = match negotiate(&mut conn, at, &info, names, tls, &self.shutting_down) {
             Ok(n) => n,
             Err(HandshakeError::Closed | HandshakeError::Aborted) => {
                 info!("{name}: closed during the handshake");
