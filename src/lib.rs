@@ -10,7 +10,8 @@
 //!   signals, shutdown (`daemon::Config`); `daemon::state` holds the one
 //!   phase and answers the control commands; pauses are leases
 //!   (`daemon::pause`), also taken on the nbdkit-style pause-control socket
-//!   (`daemon::pause_control`).
+//!   (`daemon::pause_control`); `serve --run CMD` and `--unix -` are
+//!   `daemon::captive` (the command's process group: [`child`]).
 //! - [`proxy`]: `flexnbd proxy`, a server whose backend is an upstream NBD
 //!   server (`proxy::upstream`). Hops: client → `server` (handshake in the
 //!   upstream's style) → `proxy::session` (checks, `--cache`, multi-conn
@@ -62,6 +63,7 @@ pub mod log;
 
 pub mod acl;
 pub mod addr;
+pub mod child;
 pub mod cli;
 pub mod client;
 pub mod control;

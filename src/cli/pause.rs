@@ -249,18 +249,7 @@ enum Outcome {
 
 /// Kills the command's process group: SIGTERM, then SIGKILL after a grace.
 fn kill_group(child: &mut Child) {
-    let pgid = child.id();
-    let _ = crate::sys::kill_group(pgid, libc::SIGTERM);
-    let end = Instant::now() + KILL_GRACE;
-    while Instant::now() < end {
-        if let Ok(Some(_)) = child.try_wait() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    // Whatever is left of the group (the command may have started others).
-    let _ = crate::sys::kill_group(pgid, libc::SIGKILL);
-    let _ = child.wait();
+    crate::child::kill_group(child, KILL_GRACE);
 }
 
 pub fn run_snapshot(args: SnapshotArgs) -> anyhow::Result<i32> {
@@ -318,11 +307,7 @@ pub fn run_snapshot(args: SnapshotArgs) -> anyhow::Result<i32> {
         }
     }
     let code = match outcome? {
-        Outcome::Exited(st) => match (st.code(), st.signal()) {
-            (Some(c), _) => c,
-            (None, Some(s)) => 128 + s,
-            _ => 1,
-        },
+        Outcome::Exited(st) => crate::child::exit_code(st),
         Outcome::TimedOut => {
             eprintln!(
                 "flexnbd: snapshot: {} did not finish within {:.3} s; killed it",

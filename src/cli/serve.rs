@@ -4,10 +4,12 @@ use super::names::NameArgs;
 use super::tls::ServerTlsArgs;
 use super::Global;
 use crate::addr::{parse_ip, parse_port, Endpoint};
+use crate::daemon::captive::PrivateDir;
 use crate::daemon::{Config, Mode, Rebind};
-use anyhow::{anyhow, bail};
+use anyhow::{anyhow, bail, Context};
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 /// Options shared by `serve` and `listen`.
 #[derive(Debug, Clone, clap::Args)]
@@ -32,9 +34,17 @@ pub struct ServeOpts {
     /// An empty access control list lets no client connect.
     #[arg(short = 'd', long)]
     pub default_deny: bool,
-    /// Also listen on this unix socket (for nbd+unix:// clients).
+    /// Also listen on this unix socket (for nbd+unix:// clients); `-` makes
+    /// a private one in a new directory under $TMPDIR, removed at exit
+    /// (for --run).
     #[arg(long, value_name = "PATH")]
     pub unix: Option<PathBuf>,
+    /// Once listening, run CMD with /bin/sh -c, and when it ends shut down
+    /// and exit with its status (captive mode, as nbdkit's --run). CMD finds
+    /// the server in $uri (nbd://…, nbd+unix://…), $nbd (nbd:…), $port,
+    /// $unixsocket, $exportname and $tls (0, 1, 2 for off, on, require).
+    #[arg(long, value_name = "CMD")]
+    pub run: Option<String>,
     /// Serve the file read-only.
     #[arg(short = 'r', long)]
     pub read_only: bool,
@@ -94,8 +104,12 @@ pub fn ip_arg(s: &str) -> Result<IpAddr, String> {
     parse_ip(s).map_err(|e| e.to_string())
 }
 
-/// The endpoints to listen on from `--addr`/`--port` and `--unix`.
-fn endpoints(opts: &ServeOpts) -> anyhow::Result<Vec<Endpoint>> {
+/// The endpoints to listen on from `--addr`/`--port` and `--unix` (`-`: a
+/// socket in `private`, made here).
+fn endpoints(
+    opts: &ServeOpts,
+    private: &mut Option<Arc<PrivateDir>>,
+) -> anyhow::Result<Vec<Endpoint>> {
     let mut eps = Vec::new();
     match (&opts.addr, opts.port) {
         (Some(a), p) => {
@@ -111,8 +125,14 @@ fn endpoints(opts: &ServeOpts) -> anyhow::Result<Vec<Endpoint>> {
         (None, Some(_)) => bail!("--addr is required with --port"),
         (None, None) => {}
     }
-    if let Some(u) = &opts.unix {
-        eps.push(Endpoint::Unix(u.clone()));
+    match &opts.unix {
+        Some(u) if u.as_os_str() == "-" => {
+            let d = PrivateDir::create().context("cannot make a directory for --unix -")?;
+            eps.push(Endpoint::Unix(d.path().join("socket")));
+            *private = Some(Arc::new(d));
+        }
+        Some(u) => eps.push(Endpoint::Unix(u.clone())),
+        None => {}
     }
     if eps.is_empty() {
         bail!("--addr and --port (or --unix) are required");
@@ -123,11 +143,13 @@ fn endpoints(opts: &ServeOpts) -> anyhow::Result<Vec<Endpoint>> {
 impl ServeOpts {
     /// The daemon's configuration from these options.
     pub fn config(&self, mode: Mode, rebind: Option<Rebind>) -> anyhow::Result<Config> {
+        let mut private_dir = None;
+        let endpoints = endpoints(self, &mut private_dir)?;
         Ok(Config {
             mode,
             file: self.file.clone(),
             read_only: self.read_only,
-            endpoints: endpoints(self)?,
+            endpoints,
             sock: self.sock.clone(),
             acl: self.acl.clone(),
             default_deny: self.default_deny,
@@ -138,6 +160,8 @@ impl ServeOpts {
             pause_control: self.pause_control.clone(),
             tls: self.tls.load()?,
             names: self.names.names(),
+            run: self.run.clone(),
+            private_dir,
         })
     }
 }

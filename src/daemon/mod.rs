@@ -51,6 +51,10 @@ pub struct Config {
     pub tls: Option<Arc<crate::tls::ServerTls>>,
     /// The export name clients ask for (`--export-name`) and its description.
     pub names: crate::server::ExportNames,
+    /// `--run CMD`: run it once listening; its end ends the server.
+    pub run: Option<String>,
+    /// `--unix -`: the private directory the socket is in (removed at exit).
+    pub private_dir: Option<Arc<captive::PrivateDir>>,
 }
 
 /// Where to listen after an incoming migration has arrived.
@@ -60,6 +64,7 @@ pub struct Rebind {
     pub port: Option<u16>,
 }
 
+pub mod captive;
 mod pause;
 mod pause_control;
 mod state;
@@ -74,6 +79,8 @@ enum Event {
     ControlArrived,
     /// An outgoing migration completed: the destination owns the image now.
     HandedOver,
+    /// The `--run` command ended with this exit code.
+    RunExited(i32),
 }
 
 /// A duration in seconds (fractions allowed) from the environment variable
@@ -267,9 +274,36 @@ pub fn run(opts: &Config) -> anyhow::Result<i32> {
         None => None,
     };
 
+    let captive = match &opts.run {
+        Some(cmd) => {
+            let endpoints: Vec<Endpoint> = listeners.iter().map(|l| l.endpoint().clone()).collect();
+            let addr = captive::Address {
+                endpoints: &endpoints,
+                export_name: &opts.names.name,
+                tls: opts.tls.as_ref().map_or(TlsMode::Off, |t| t.mode),
+            };
+            let rtx = std::sync::Mutex::new(tx.clone());
+            let exited = Box::new(move |code| {
+                let _ = rtx
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .send(Event::RunExited(code));
+            });
+            Some(
+                captive::Captive::start(cmd, &addr.env(), exited)
+                    .with_context(|| format!("cannot run {cmd:?}"))?,
+            )
+        }
+        None => None,
+    };
+
     let mut signalled = false;
     let code = loop {
         match rx.recv() {
+            Ok(Event::RunExited(c)) => {
+                info!("--run: the command exited with status {c}: shutting down");
+                break c;
+            }
             Ok(Event::Signal(s)) => {
                 info!("received signal {s}: shutting down");
                 signalled = true;
@@ -316,6 +350,9 @@ pub fn run(opts: &Config) -> anyhow::Result<i32> {
     };
 
     daemon.set_phase(Phase::ShuttingDown);
+    if let Some(c) = &captive {
+        c.stop();
+    }
     // Paused requests are let go (they meet the shutdown below).
     daemon.pauses.stop();
     for l in listeners {
