@@ -17,6 +17,7 @@ for tool in qemu-img qemu-io qemu-nbd; do command -v "$tool" >/dev/null || need+
 command -v nbdkit >/dev/null || need+=(nbdkit)
 command -v fio >/dev/null || need+=(fio)
 command -v strace >/dev/null || need+=(strace)
+command -v systemd-socket-activate >/dev/null || need+=(systemd)
 (command -v nc >/dev/null && nc -h 2>&1 | grep -- "-N" >/dev/null) || need+=(netcat-openbsd)
 if [ ${#need[@]} -gt 0 ]; then
     mapfile -t need < <(printf '%s\n' "${need[@]}" | sort -u)

@@ -398,3 +398,31 @@ pub fn recv_tls_record(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usiz
     }
     Ok((n, kind))
 }
+
+/// Takes the descriptors passed by the service manager (`LISTEN_FDS` for
+/// this `LISTEN_PID`, from descriptor 3 on) and removes the variables.
+pub fn listen_fds() -> io::Result<Vec<OwnedFd>> {
+    // SAFETY: the variables are removed while only this thread runs: it is
+    // called before any listener, worker or signal thread starts.
+    let fds = unsafe { sd_notify::listen_fds_and_unset_env()? };
+    // SAFETY: systemd passed these descriptors to this process and nothing
+    // else in it owns them (they are taken once, at start).
+    Ok(fds.map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }).collect())
+}
+
+/// Tells the service manager (`NOTIFY_SOCKET`, when set) what changed:
+/// `READY=1`, `STATUS=…`, `STOPPING=1`. Failures are only logged: a server
+/// is no less a server for a manager that does not listen.
+pub fn notify(ready: bool, stopping: bool, status: &str) {
+    let mut st = Vec::new();
+    if ready {
+        st.push(sd_notify::NotifyState::Ready);
+    }
+    if stopping {
+        st.push(sd_notify::NotifyState::Stopping);
+    }
+    st.push(sd_notify::NotifyState::Status(status));
+    if let Err(e) = sd_notify::notify(&st) {
+        debug!("cannot notify the service manager: {e}");
+    }
+}

@@ -134,7 +134,8 @@ fn endpoints(
         Some(u) => eps.push(Endpoint::Unix(u.clone())),
         None => {}
     }
-    if eps.is_empty() {
+    // Socket activation passes the sockets instead.
+    if eps.is_empty() && std::env::var_os("LISTEN_FDS").is_none() {
         bail!("--addr and --port (or --unix) are required");
     }
     Ok(eps)

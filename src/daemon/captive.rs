@@ -124,6 +124,8 @@ impl Captive {
     ) -> std::io::Result<Captive> {
         let mut c = Command::new("/bin/sh");
         c.arg("-c").arg(cmd).process_group(0);
+        // The service manager's socket is the server's, not the command's.
+        c.env_remove("NOTIFY_SOCKET");
         for (k, v) in env {
             c.env(k, v);
         }

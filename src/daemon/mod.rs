@@ -168,8 +168,10 @@ fn bind_retrying(ep: &Endpoint, rx: &mpsc::Receiver<Event>) -> Result<Bound, i32
 }
 
 pub fn run(opts: &Config) -> anyhow::Result<i32> {
+    // Taken first, while this is the only thread (the variables are removed).
+    let inherited = Bound::inherited()?;
     let (mode, rebind, eps) = (opts.mode, opts.rebind, &opts.endpoints);
-    if eps.is_empty() {
+    if eps.is_empty() && inherited.is_empty() {
         bail!("--addr and --port (or --unix) are required");
     }
     if opts.oldstyle && opts.tls.as_ref().is_some_and(|t| t.mode != TlsMode::Off) {
@@ -232,8 +234,15 @@ pub fn run(opts: &Config) -> anyhow::Result<i32> {
     };
 
     let mut bound = Vec::new();
-    for ep in eps {
-        bound.push(Bound::bind(ep).with_context(|| format!("cannot listen on {ep}"))?);
+    if inherited.is_empty() {
+        for ep in eps {
+            bound.push(Bound::bind(ep).with_context(|| format!("cannot listen on {ep}"))?);
+        }
+    } else {
+        if !eps.is_empty() {
+            info!("socket activation: serving on the passed sockets, not on --addr/--unix");
+        }
+        bound = inherited;
     }
     let mut listeners: Vec<Listener> = Vec::new();
     for b in bound {
@@ -297,6 +306,16 @@ pub fn run(opts: &Config) -> anyhow::Result<i32> {
         None => None,
     };
 
+    let serving = |what: &str, listeners: &[Listener]| {
+        let on: Vec<String> = listeners.iter().map(|l| l.endpoint().to_string()).collect();
+        format!("{what} {} on {}", opts.file.display(), on.join(", "))
+    };
+    let what = match mode {
+        Mode::Serve => "serving",
+        Mode::Listen => "waiting for a migration into",
+    };
+    crate::sys::notify(true, false, &serving(what, &listeners));
+
     let mut signalled = false;
     let code = loop {
         match rx.recv() {
@@ -344,12 +363,14 @@ pub fn run(opts: &Config) -> anyhow::Result<i32> {
                         Err(code) => break code,
                     }
                 }
+                crate::sys::notify(false, false, &serving("serving", &listeners));
             }
             Err(_) => break 1,
         }
     };
 
     daemon.set_phase(Phase::ShuttingDown);
+    crate::sys::notify(false, true, "shutting down");
     if let Some(c) = &captive {
         c.stop();
     }

@@ -14,47 +14,104 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 /// A bound socket, not yet accepting.
-pub enum Bound {
+pub struct Bound {
+    sock: Sock,
+    /// Passed by the service manager (socket activation): it owns the
+    /// socket, which outlives this process, so it is never shut down or
+    /// unlinked here.
+    inherited: bool,
+}
+
+enum Sock {
     Tcp(TcpListener),
     Unix(UnixListener, PathBuf),
 }
 
+/// How often an accept loop on an inherited socket looks whether it was
+/// stopped (such a socket cannot be woken by shutting it down).
+const INHERITED_POLL: Duration = Duration::from_millis(200);
+
 impl Bound {
     /// Binds the endpoint. A stale unix socket file (no one listening) is replaced.
     pub fn bind(ep: &Endpoint) -> io::Result<Bound> {
-        match ep {
-            Endpoint::Tcp(a) => Ok(Bound::Tcp(TcpListener::bind(a)?)),
+        let sock = match ep {
+            Endpoint::Tcp(a) => Sock::Tcp(TcpListener::bind(a)?),
             Endpoint::Unix(p) => {
                 remove_stale_socket(p)?;
-                Ok(Bound::Unix(UnixListener::bind(p)?, p.clone()))
+                Sock::Unix(UnixListener::bind(p)?, p.clone())
             }
+        };
+        Ok(Bound {
+            sock,
+            inherited: false,
+        })
+    }
+
+    /// The listening sockets passed by the service manager
+    /// (`LISTEN_FDS`/`LISTEN_PID`, systemd's socket activation), TCP or
+    /// unix; none when not activated. The variables are removed, so
+    /// commands started later do not take them for theirs.
+    pub fn inherited() -> Result<Vec<Bound>, InheritError> {
+        let fds = crate::sys::listen_fds().map_err(InheritError::Env)?;
+        let mut out = Vec::new();
+        for (n, fd) in fds.into_iter().enumerate() {
+            let fdno = 3 + n;
+            let sock = socket2::Socket::from(fd);
+            let listening = sock.r#type().ok() == Some(socket2::Type::STREAM)
+                && sock.is_listener().unwrap_or(false);
+            if !listening {
+                return Err(InheritError::NotListening(fdno));
+            }
+            let addr = sock
+                .local_addr()
+                .map_err(|e| InheritError::Socket(fdno, e))?;
+            // Accepts wake up now and then to see whether they should stop.
+            sock.set_read_timeout(Some(INHERITED_POLL))
+                .map_err(|e| InheritError::Socket(fdno, e))?;
+            let sock = match (addr.as_socket(), addr.as_pathname()) {
+                (Some(_), _) => Sock::Tcp(sock.into()),
+                (None, Some(p)) => Sock::Unix(sock.into(), p.to_owned()),
+                (None, None) if addr.is_unnamed() || addr.as_abstract_namespace().is_some() => {
+                    Sock::Unix(sock.into(), PathBuf::from("(unnamed)"))
+                }
+                (None, None) => return Err(InheritError::NotListening(fdno)),
+            };
+            out.push(Bound {
+                sock,
+                inherited: true,
+            });
         }
+        Ok(out)
     }
 
     /// The address actually bound (useful with port 0).
     pub fn local(&self) -> Endpoint {
-        match self {
-            Bound::Tcp(l) => match l.local_addr() {
+        match &self.sock {
+            Sock::Tcp(l) => match l.local_addr() {
                 Ok(a) => Endpoint::Tcp(a),
                 Err(_) => Endpoint::Unix(PathBuf::new()),
             },
-            Bound::Unix(_, p) => Endpoint::Unix(p.clone()),
+            Sock::Unix(_, p) => Endpoint::Unix(p.clone()),
         }
     }
 
     /// Starts accepting connections on a thread of its own.
     pub fn start(self, server: Arc<Server>) -> io::Result<Listener> {
         let stop = Arc::new(AtomicBool::new(false));
-        let (waker, path) = match &self {
-            Bound::Tcp(l) => (Waker::Tcp(l.try_clone()?), None),
-            Bound::Unix(l, p) => (Waker::Unix(l.try_clone()?), Some(p.clone())),
+        let (waker, path) = match (&self.sock, self.inherited) {
+            (_, true) => (Waker::Poll, None),
+            (Sock::Tcp(l), false) => (Waker::Tcp(l.try_clone()?), None),
+            (Sock::Unix(l, p), false) => (Waker::Unix(l.try_clone()?), Some(p.clone())),
         };
         let endpoint = self.local();
         let s2 = stop.clone();
         let handle = std::thread::Builder::new()
             .name("serve".into())
             .spawn(move || accept_loop(self, server, s2))?;
-        info!("listening on {endpoint}");
+        match path.is_none() && matches!(waker, Waker::Poll) {
+            true => info!("listening on {endpoint} (passed by the service manager)"),
+            false => info!("listening on {endpoint}"),
+        }
         Ok(Listener {
             handle: Some(handle),
             stop,
@@ -63,6 +120,17 @@ impl Bound {
             endpoint,
         })
     }
+}
+
+/// Why the sockets passed by the service manager cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum InheritError {
+    #[error("LISTEN_FDS/LISTEN_PID: {0}")]
+    Env(io::Error),
+    #[error("socket activation: descriptor {0} is not a listening stream socket")]
+    NotListening(usize),
+    #[error("socket activation: descriptor {0}: {1}")]
+    Socket(usize, io::Error),
 }
 
 /// Removes `p` if it is a socket nobody listens on; refuses to touch anything else.
@@ -90,6 +158,8 @@ fn remove_stale_socket(p: &Path) -> io::Result<()> {
 enum Waker {
     Tcp(TcpListener),
     Unix(UnixListener),
+    /// The accept loop notices `stop` by itself (an inherited socket).
+    Poll,
 }
 
 /// An accepting listener; [`stop`](Self::stop) closes it.
@@ -117,6 +187,7 @@ impl Listener {
         let _ = match &self.waker {
             Waker::Tcp(l) => socket2::SockRef::from(l).shutdown(Shutdown::Both),
             Waker::Unix(l) => socket2::SockRef::from(l).shutdown(Shutdown::Both),
+            Waker::Poll => Ok(()),
         };
         if let Some(h) = self.handle.take() {
             let _ = h.join();
@@ -136,9 +207,14 @@ impl Drop for Listener {
 fn accept_loop(bound: Bound, server: Arc<Server>, stop: Arc<AtomicBool>) {
     let mut failures = 0u32;
     while !stop.load(SeqCst) {
-        let r = match &bound {
-            Bound::Tcp(l) => l.accept().map(|(s, _)| Stream::Tcp(s)),
-            Bound::Unix(l, _) => l.accept().map(|(s, _)| Stream::Unix(s)),
+        let r = match &bound.sock {
+            Sock::Tcp(l) => l.accept().map(|(s, _)| Stream::Tcp(s)),
+            Sock::Unix(l, _) => l.accept().map(|(s, _)| Stream::Unix(s)),
+        };
+        // An accepted socket inherits the listener's receive timeout.
+        let r = match (r, bound.inherited) {
+            (Ok(c), true) => c.set_read_timeout(None).map(|_| c),
+            (r, _) => r,
         };
         match r {
             Ok(conn) => {
@@ -150,6 +226,12 @@ fn accept_loop(bound: Bound, server: Arc<Server>, stop: Arc<AtomicBool>) {
             }
             Err(_) if stop.load(SeqCst) => break,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e)
+                if bound.inherited
+                    && matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) => {}
             Err(e) => {
                 // Out of descriptors or similar: back off instead of spinning.
                 failures += 1;
