@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: installs the Debian packages the tests drive when
-# they are missing, then checks formatting and lints, and runs every unit and
-# integration test (release build: the integration tests move gigabytes).
+# they are missing, then checks formatting and lints, runs every unit and
+# integration test (release build: the integration tests move gigabytes), and
+# builds, installs and checks the Debian package (scripts/deb-check.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,6 +19,7 @@ command -v nbdkit >/dev/null || need+=(nbdkit)
 command -v fio >/dev/null || need+=(fio)
 command -v strace >/dev/null || need+=(strace)
 command -v systemd-socket-activate >/dev/null || need+=(systemd)
+command -v man >/dev/null || need+=(man-db)
 (command -v nc >/dev/null && nc -h 2>&1 | grep -- "-N" >/dev/null) || need+=(netcat-openbsd)
 if [ ${#need[@]} -gt 0 ]; then
     mapfile -t need < <(printf '%s\n' "${need[@]}" | sort -u)
@@ -33,5 +35,7 @@ if command -v rustup >/dev/null; then
 fi
 
 cargo fmt --all -- --check
-cargo clippy --all-targets --release -- -D warnings
+cargo clippy --workspace --all-targets --release -- -D warnings
 cargo test --release --all-targets
+# The Debian package: built, installed, checked, removed.
+./scripts/deb-check.sh

@@ -1,7 +1,9 @@
 //! flexnbd: a fast NBD server with live migration.
 //!
 //! Layers, top to bottom (a layer never reaches up):
-//! - [`cli`]: one module per subcommand, argument parsing and `run()`:
+//! - [`cli`]: one module per subcommand, argument parsing and `run()` (its
+//!   clap definitions are also the man pages and completions, made by
+//!   `cargo xtask assets`):
 //!   `serve`, `listen`, `mirror` (`--wait`), `mirror-speed`, `break`, `acl`,
 //!   `status`, `read`, `write`, `pause`, `resume`, `snapshot`
 //!   (`cli::pause`) and `proxy` (`cli::proxy`; the `flexnbd-proxy` program

@@ -203,16 +203,7 @@ fn a_migration_asks_for_the_name_it_is_given() {
     // With it, the image arrives whole.
     mirror_cmd(src.srv.ctl(), dst.srv.addr(), &["--export-name", NAME])
         .expect_success("mirror --export-name");
-    assert_eq!(
-        src.srv
-            .wait_exit(Duration::from_secs(60))
-            .and_then(|s| s.code()),
-        Some(0),
-        "{}",
-        src.srv.stderr()
-    );
-    dst.assert_took_control();
-    assert_eq!(md5_file(&dst.file), md5_file(&src.file));
+    dst.assert_handed_over(&mut src);
     // The arrived image answers to its name.
     let j = nbdinfo_json(&uri(&dst.srv, NAME));
     assert_eq!(j["exports"][0]["export-size"], size, "{j}");

@@ -134,3 +134,37 @@ fn a_passed_descriptor_that_is_not_a_listening_socket_is_refused() {
         out.stderr_str()
     );
 }
+
+#[test]
+fn the_proxy_takes_its_socket_from_the_service_manager_too() {
+    let dir = tempdir();
+    let img = dir.path().join("disk.img");
+    create_random_file(&img, MIB, 0x5d5e);
+    let up = Serve::tcp(&img).start();
+    let sock = dir.path().join("proxy.sock");
+    let mut child = Command::new(require_tool("systemd-socket-activate"))
+        .arg("-l")
+        .arg(&sock)
+        .arg(bin())
+        .args(["proxy", "--conn-addr", "127.0.0.1", "--conn-port"])
+        .arg(up.addr().port().to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let uri = format!("nbd+unix:///?socket={}", sock.display());
+    let mut got = None;
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            got = copy_out(&uri);
+            got.is_some()
+        }),
+        "no copy through the activated proxy"
+    );
+    assert_bytes_eq(&got.unwrap(), &read_file(&img), "through the proxy");
+    send_signal(child.id(), libc::SIGTERM);
+    assert_eq!(
+        wait_child(&mut child, Duration::from_secs(20)).and_then(|s| s.code()),
+        Some(0)
+    );
+}

@@ -163,7 +163,8 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     if let Some(u) = &args.unix {
         listen.push(Endpoint::Unix(u.clone()));
     }
-    if listen.is_empty() {
+    // Socket activation passes the sockets instead.
+    if listen.is_empty() && std::env::var_os("LISTEN_FDS").is_none() {
         return Ok(usage("--addr is required."));
     }
     let upstream = match (&args.conn_unix, &args.conn_addr, args.conn_port) {

@@ -86,6 +86,8 @@ pub enum ProxyError {
     Control { path: PathBuf, cause: io::Error },
     #[error("cannot install signal handlers: {0}")]
     Signals(io::Error),
+    #[error(transparent)]
+    Inherit(#[from] srv::InheritError),
     #[error(
         "the upstream {0} is old-style, so its clients are greeted old-style, \
          which has no STARTTLS: --tls cannot be used"
@@ -95,6 +97,8 @@ pub enum ProxyError {
 
 /// Runs the proxy until SIGINT, SIGTERM or SIGQUIT; returns the exit code.
 pub fn run(cfg: &Config) -> Result<i32, ProxyError> {
+    // Taken first, while this is the only thread (the variables are removed).
+    let inherited = Bound::inherited()?;
     let acl = Acl::parse(&cfg.acl, cfg.default_deny)?;
     let endpoint = cfg.upstream.endpoint.clone();
     let up = Upstream::open(cfg.upstream.clone()).map_err(|cause| ProxyError::Upstream {
@@ -137,12 +141,18 @@ pub fn run(cfg: &Config) -> Result<i32, ProxyError> {
     );
     let mut signals = Signals::new([SIGINT, SIGTERM, SIGQUIT]).map_err(ProxyError::Signals)?;
     let mut bound = Vec::new();
-    for ep in &cfg.listen {
+    for ep in cfg.listen.iter().filter(|_| inherited.is_empty()) {
         let b = Bound::bind(ep).map_err(|cause| ProxyError::Listen {
             endpoint: ep.clone(),
             cause,
         })?;
         bound.push(b);
+    }
+    if !inherited.is_empty() {
+        if !cfg.listen.is_empty() {
+            info!("socket activation: serving on the passed sockets, not on --addr/--unix");
+        }
+        bound = inherited;
     }
     let mut listeners: Vec<Listener> = Vec::new();
     for b in bound {
@@ -168,9 +178,16 @@ pub fn run(cfg: &Config) -> Result<i32, ProxyError> {
         ),
         None => None,
     };
+    let on: Vec<String> = listeners.iter().map(|l| l.endpoint().to_string()).collect();
+    crate::sys::notify(
+        true,
+        false,
+        &format!("proxying {} for clients on {}", endpoint, on.join(", ")),
+    );
     if let Some(s) = signals.forever().next() {
         info!("received signal {s}: shutting down");
     }
+    crate::sys::notify(false, true, "shutting down");
     for l in listeners {
         l.stop();
     }

@@ -15,7 +15,7 @@ mod zerocopy;
 
 pub use conn::SendLimit;
 pub use intake::{Admit, Intake, SenderTrack, SessionEnd};
-pub use listener::{Bound, Listener};
+pub use listener::{Bound, InheritError, Listener};
 pub use session::End;
 
 use crate::acl::{Acl, AclEntry};

@@ -129,6 +129,14 @@ impl Listener {
         let size = std::fs::metadata(&self.file).unwrap().len();
         let mut src = source(size, seed);
         mirror_cmd(src.srv.ctl(), self.srv.addr(), &[]).expect_success("real mirror");
+        self.assert_handed_over(&mut src);
+        let _ = &self.dir;
+    }
+
+    /// `src` handed its image over to this listener: the source exited 0,
+    /// control arrived here, and the two files are equal.
+    #[track_caller]
+    pub fn assert_handed_over(&self, src: &mut Source) {
         assert_eq!(
             src.srv
                 .wait_exit(Duration::from_secs(60))
@@ -143,6 +151,5 @@ impl Listener {
             &read_file(&src.file),
             "migrated image",
         );
-        let _ = &self.dir;
     }
 }
