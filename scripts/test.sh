@@ -20,6 +20,7 @@ command -v fio >/dev/null || need+=(fio)
 command -v strace >/dev/null || need+=(strace)
 command -v systemd-socket-activate >/dev/null || need+=(systemd)
 command -v man >/dev/null || need+=(man-db)
+command -v promtool >/dev/null || need+=(prometheus)
 (command -v nc >/dev/null && nc -h 2>&1 | grep -- "-N" >/dev/null) || need+=(netcat-openbsd)
 if [ ${#need[@]} -gt 0 ]; then
     mapfile -t need < <(printf '%s\n' "${need[@]}" | sort -u)

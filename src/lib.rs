@@ -40,6 +40,8 @@
 //!   rest sent, flush, ENTRUST to old-style destinations, DISC; it waits
 //!   while the image is paused); any failure retries from scratch with
 //!   back-off.
+//! - [`metrics`]: request counters (atomics, recorded by `server::exec`)
+//!   and the `--metrics` endpoint (`metrics::http`).
 //! - [`client`]: NBD client used by `read`, `write`, the mirror and the
 //!   proxy (pipelined sender and receiver; READ data and block status).
 //! - [`export`]: the served image: storage, request gate ([`gate`]: counted
@@ -75,6 +77,7 @@ pub mod export;
 pub mod fuzzing;
 pub mod gate;
 pub mod incoming;
+pub mod metrics;
 pub mod mirror;
 pub mod net;
 pub mod proxy;

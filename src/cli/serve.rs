@@ -45,6 +45,10 @@ pub struct ServeOpts {
     /// $unixsocket, $exportname and $tls (0, 1, 2 for off, on, require).
     #[arg(long, value_name = "CMD")]
     pub run: Option<String>,
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics: requests, bytes
+    /// and latency by command, errors by errno, clients, migration and pause.
+    #[arg(long, value_name = "ADDR:PORT", value_parser = metrics_arg)]
+    pub metrics: Option<std::net::SocketAddr>,
     /// Serve the file read-only.
     #[arg(short = 'r', long)]
     pub read_only: bool,
@@ -94,6 +98,12 @@ pub fn clients_arg(s: &str) -> Result<usize, String> {
         Ok(n) if (1..=1_000_000).contains(&n) => Ok(n),
         _ => Err(format!("not a number of clients from 1 to 1000000: {s:?}")),
     }
+}
+
+/// An IP address and port (`127.0.0.1:9100`, `[::1]:9100`).
+fn metrics_arg(s: &str) -> Result<std::net::SocketAddr, String> {
+    s.parse()
+        .map_err(|_| format!("not an IP address and port (such as 127.0.0.1:9100): {s:?}"))
 }
 
 pub fn port_arg(s: &str) -> Result<u16, String> {
@@ -163,6 +173,7 @@ impl ServeOpts {
             names: self.names.names(),
             run: self.run.clone(),
             private_dir,
+            metrics: self.metrics,
         })
     }
 }

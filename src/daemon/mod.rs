@@ -55,6 +55,8 @@ pub struct Config {
     pub run: Option<String>,
     /// `--unix -`: the private directory the socket is in (removed at exit).
     pub private_dir: Option<Arc<captive::PrivateDir>>,
+    /// `--metrics ADDR:PORT`: where Prometheus scrapes `/metrics`.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// Where to listen after an incoming migration has arrived.
@@ -67,6 +69,7 @@ pub struct Rebind {
 pub mod captive;
 mod pause;
 mod pause_control;
+mod scrape;
 mod state;
 
 use state::{Control, Daemon, Phase, State};
@@ -275,6 +278,23 @@ pub fn run(opts: &Config) -> anyhow::Result<i32> {
         None => None,
     };
 
+    let metrics = match opts.metrics {
+        Some(addr) => {
+            let (server, status) = (server.clone(), Control(daemon.clone()));
+            let render: crate::metrics::http::Render = Arc::new(move || {
+                let mut out = String::new();
+                server.metrics().encode(&mut out);
+                scrape::encode_status(&mut out, &crate::control::Handler::status(&status));
+                out
+            });
+            Some(
+                crate::metrics::http::MetricsServer::start(addr, render)
+                    .with_context(|| format!("cannot serve metrics on {addr}"))?,
+            )
+        }
+        None => None,
+    };
+
     let pause_control = match &opts.pause_control {
         Some(p) => Some(
             pause_control::start(p, daemon.clone())
@@ -428,6 +448,9 @@ pub fn run(opts: &Config) -> anyhow::Result<i32> {
     }
     if let Some(c) = pause_control {
         c.stop();
+    }
+    if let Some(m) = metrics {
+        m.stop();
     }
     signal_handle.close();
     Ok(code)

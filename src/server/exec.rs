@@ -61,6 +61,7 @@ impl Session {
     }
 
     fn reply_err(&self, w: &mut Worker, cookie: u64, errno: NbdErrno, msg: &str) -> io::Result<()> {
+        self.metrics.error(errno);
         self.ensure_room(w, ERROR_ROOM)?;
         if self.neg.structured {
             w.out.push(&error_chunk(cookie, errno, msg));
@@ -131,6 +132,7 @@ impl Session {
                 }
             };
             let (off, len) = (req.offset, req.length as u64);
+            let started = Instant::now();
             match op {
                 Op::Read { .. } if req.is_entrust() && !self.neg.structured => {
                     self.entrusted();
@@ -166,6 +168,9 @@ impl Session {
                 Op::BlockStatus { one } => self.block_status(w, req, one)?,
                 Op::Disc => {}
             }
+            let covered = if matches!(op, Op::Flush) { 0 } else { len };
+            self.metrics
+                .request(req.command, covered, started.elapsed());
             if gate.is_closed() {
                 // Whoever closed the gate waits for this pass: by then every
                 // executed request's reply is on the wire, before any ESHUTDOWN.
@@ -329,6 +334,7 @@ impl Session {
                 let n = (end - pos).min(MAX_PAYLOAD as u64);
                 self.send_header(&offset_data_header(req.cookie, pos, n as u32, false))?;
                 if let Err(err) = self.splice(pos, n as usize)? {
+                    self.metrics.error(errno(&err));
                     return self.send_all(&error_chunk(req.cookie, errno(&err), &err.to_string()));
                 }
                 pos += n;
@@ -349,6 +355,7 @@ impl Session {
             super::validate::validate(req, &self.neg, self.export.size(), self.export.read_only()),
             Ok(Op::Write { fua: true })
         );
+        let started = Instant::now();
         if w.payload.len() < PAYLOAD_CAP {
             w.payload.resize(PAYLOAD_CAP, 0);
         }
@@ -373,6 +380,9 @@ impl Session {
         if result.is_ok() {
             self.covered(req.offset, req.length as u64);
         }
-        self.reply(w, req.cookie, result)
+        let r = self.reply(w, req.cookie, result);
+        self.metrics
+            .request(req.command, req.length as u64, started.elapsed());
+        r
     }
 }

@@ -20,6 +20,7 @@ pub use session::End;
 
 use crate::acl::{Acl, AclEntry};
 use crate::export::Export;
+use crate::metrics::Metrics;
 use crate::stream::{Stream, TlsInfo};
 use crate::tls::ServerTls;
 pub use handshake::ExportNames;
@@ -128,6 +129,8 @@ pub struct Client<'a> {
     pub sender: Option<Arc<SenderTrack>>,
     /// How long sending one reply may take.
     pub send: SendLimit,
+    /// The server's request counters (`--metrics`).
+    pub metrics: Arc<Metrics>,
 }
 
 impl Backend for Export {
@@ -137,7 +140,15 @@ impl Backend for Export {
 
     fn serve(self: Arc<Self>, conn: Stream, neg: Negotiated, client: Client<'_>) -> End {
         let name = client.name.to_owned();
-        match Session::new(self, conn, neg, name.clone(), client.sender, client.send) {
+        match Session::new(
+            self,
+            conn,
+            neg,
+            name.clone(),
+            client.sender,
+            client.send,
+            client.metrics,
+        ) {
             Ok(s) => s.run(),
             Err(e) => {
                 warn!("{name}: {e}");
@@ -150,6 +161,7 @@ impl Backend for Export {
 /// Shared state of all listeners and sessions.
 pub struct Server {
     backend: Arc<dyn Backend>,
+    metrics: Arc<Metrics>,
     config: Config,
     acl: RwLock<Acl>,
     clients: Mutex<HashMap<u64, Connected>>,
@@ -180,7 +192,13 @@ impl Server {
             shutting_down: AtomicBool::new(false),
             intake: RwLock::new(None),
             refusals: Mutex::new(Refusals::default()),
+            metrics: Arc::new(Metrics::default()),
         })
+    }
+
+    /// The request counters every session adds to.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// The TLS settings, when TLS is offered or required.
@@ -484,6 +502,7 @@ impl Server {
             name: &name,
             sender,
             send: limit,
+            metrics: self.metrics.clone(),
         };
         let end = self.backend.clone().serve(conn, neg, client);
         match &end {

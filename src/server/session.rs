@@ -80,6 +80,7 @@ pub struct Session {
     sender: Option<Arc<SenderTrack>>,
     /// How long a send may take.
     pub(super) send: SendLimit,
+    pub(super) metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Session {
@@ -90,6 +91,7 @@ impl Session {
         name: String,
         sender: Option<Arc<SenderTrack>>,
         send: SendLimit,
+        metrics: Arc<crate::metrics::Metrics>,
     ) -> io::Result<Arc<Session>> {
         let reader = Reader::new(conn.try_clone()?);
         Ok(Arc::new(Session {
@@ -109,6 +111,7 @@ impl Session {
             name,
             sender,
             send,
+            metrics,
         }))
     }
 
