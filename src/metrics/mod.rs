@@ -114,48 +114,36 @@ impl Metrics {
 
     /// The counters in the text format.
     pub fn encode(&self, out: &mut String) {
-        family(
+        let by_command = |f: fn(&PerCommand) -> &AtomicU64| {
+            COMMANDS
+                .iter()
+                .zip(&self.commands)
+                .map(move |(n, m)| (*n, f(m).load(Relaxed)))
+        };
+        counters(
             out,
             "flexnbd_requests_total",
-            "counter",
             "Requests executed, by command.",
+            "command",
+            by_command(|m| &m.requests),
         );
-        for (name, m) in COMMANDS.iter().zip(&self.commands) {
-            sample(
-                out,
-                "flexnbd_requests_total",
-                &[("command", name)],
-                m.requests.load(Relaxed) as f64,
-            );
-        }
-        family(
+        counters(
             out,
             "flexnbd_request_bytes_total",
-            "counter",
             "Bytes covered by executed requests (read, written, trimmed, zeroed, queried), by command.",
+            "command",
+            by_command(|m| &m.bytes),
         );
-        for (name, m) in COMMANDS.iter().zip(&self.commands) {
-            sample(
-                out,
-                "flexnbd_request_bytes_total",
-                &[("command", name)],
-                m.bytes.load(Relaxed) as f64,
-            );
-        }
-        family(
+        counters(
             out,
             "flexnbd_request_errors_total",
-            "counter",
             "Requests answered with an error, by errno.",
+            "errno",
+            ERRNOS
+                .iter()
+                .zip(&self.errors)
+                .map(|((_, n), c)| (*n, c.load(Relaxed))),
         );
-        for ((_, name), n) in ERRNOS.iter().zip(&self.errors) {
-            sample(
-                out,
-                "flexnbd_request_errors_total",
-                &[("errno", name)],
-                n.load(Relaxed) as f64,
-            );
-        }
         family(
             out,
             "flexnbd_request_duration_seconds",
@@ -195,6 +183,20 @@ impl Metrics {
                 cum as f64,
             );
         }
+    }
+}
+
+/// A counter family with one sample per value of `label`.
+fn counters<'a>(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    label: &str,
+    values: impl Iterator<Item = (&'a str, u64)>,
+) {
+    family(out, name, "counter", help);
+    for (v, n) in values {
+        sample(out, name, &[(label, v)], n as f64);
     }
 }
 
