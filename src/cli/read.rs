@@ -31,6 +31,16 @@ pub struct Args {
     /// The number of bytes to read (at most 2^30).
     #[arg(short = 'S', long, value_name = "SIZE")]
     pub size: u64,
+    #[command(flatten)]
+    pub conn: ConnectArgs,
+    #[command(flatten)]
+    pub global: Global,
+}
+
+/// How `read` and `write` connect: from where, how long they wait, which
+/// export, and TLS.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ConnectArgs {
     /// The local address to bind to (for a remote access control list).
     #[arg(short = 'b', long, value_name = "BIND_ADDR", value_parser = ip_arg)]
     pub bind: Option<IpAddr>,
@@ -42,8 +52,6 @@ pub struct Args {
     pub export_name: String,
     #[command(flatten)]
     pub tls: ClientTlsArgs,
-    #[command(flatten)]
-    pub global: Global,
 }
 
 /// How long `read` and `write` wait for the server (the C flexnbd's limits).
@@ -61,14 +69,7 @@ pub struct Timeouts {
 pub fn run(args: Args) -> anyhow::Result<i32> {
     args.global.apply();
     check_limits(args.from, args.size)?;
-    let endpoint = endpoint(&args.addr, args.port)?;
-    let mut conn = connect(
-        &endpoint,
-        args.bind,
-        args.timeouts,
-        &args.tls,
-        &args.export_name,
-    )?;
+    let mut conn = args.conn.connect(&endpoint(&args.addr, args.port)?)?;
     if args.size > 0 {
         let mut out = std::fs::File::from(
             std::io::stdout()
@@ -103,33 +104,30 @@ pub(crate) fn endpoint(addr: &str, port: Option<u16>) -> anyhow::Result<Endpoint
     Ok(Endpoint::from_addr_port(addr, port.as_deref())?)
 }
 
-/// Connects and negotiates (simple replies) within `t`.
-pub(crate) fn connect(
-    endpoint: &Endpoint,
-    bind: Option<IpAddr>,
-    t: Timeouts,
-    tls: &ClientTlsArgs,
-    export_name: &str,
-) -> anyhow::Result<Connection> {
-    let opts = ConnectOptions {
-        bind,
-        export_name: export_name.to_owned(),
-        tls: tls.load()?,
-        connect_timeout: t.connect_timeout,
-        greeting_timeout: t.reply_timeout,
-        request_timeout: Some(t.reply_timeout),
-        ..ConnectOptions::default()
-    };
-    let conn = Connection::connect(endpoint, &opts)?;
-    crate::debug!(
-        "connected to {endpoint}: size {} flags {:#x}{}",
-        conn.size(),
-        conn.flags(),
-        if conn.is_oldstyle() {
-            " (old-style)"
-        } else {
-            ""
-        }
-    );
-    Ok(conn)
+impl ConnectArgs {
+    /// Connects and negotiates (simple replies) within the timeouts.
+    pub(crate) fn connect(&self, endpoint: &Endpoint) -> anyhow::Result<Connection> {
+        let t = self.timeouts;
+        let opts = ConnectOptions {
+            bind: self.bind,
+            export_name: self.export_name.clone(),
+            tls: self.tls.load()?,
+            connect_timeout: t.connect_timeout,
+            greeting_timeout: t.reply_timeout,
+            request_timeout: Some(t.reply_timeout),
+            ..ConnectOptions::default()
+        };
+        let conn = Connection::connect(endpoint, &opts)?;
+        crate::debug!(
+            "connected to {endpoint}: size {} flags {:#x}{}",
+            conn.size(),
+            conn.flags(),
+            if conn.is_oldstyle() {
+                " (old-style)"
+            } else {
+                ""
+            }
+        );
+        Ok(conn)
+    }
 }

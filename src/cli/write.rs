@@ -1,11 +1,9 @@
 //! `flexnbd write`: write bytes from stdin to an NBD server in one request.
 
-use super::read::{check_limits, connect, endpoint, Timeouts};
-use super::serve::{ip_arg, port_arg};
-use super::tls::ClientTlsArgs;
+use super::read::{check_limits, endpoint, ConnectArgs};
+use super::serve::port_arg;
 use super::Global;
 use anyhow::Context;
-use std::net::IpAddr;
 use std::os::fd::AsFd;
 
 /// Connect to the server at ADDR:PORT and write SIZE bytes from stdin at OFFSET
@@ -24,17 +22,8 @@ pub struct Args {
     /// The number of bytes to write (at most 2^30).
     #[arg(short = 'S', long, value_name = "SIZE")]
     pub size: u64,
-    /// The local address to bind to (for a remote access control list).
-    #[arg(short = 'b', long, value_name = "BIND_ADDR", value_parser = ip_arg)]
-    pub bind: Option<IpAddr>,
     #[command(flatten)]
-    pub timeouts: Timeouts,
-    /// The export to ask a newstyle server for (default: the empty name).
-    #[arg(long, value_name = "NAME", default_value = "",
-          value_parser = super::names::export_name_arg)]
-    pub export_name: String,
-    #[command(flatten)]
-    pub tls: ClientTlsArgs,
+    pub conn: ConnectArgs,
     #[command(flatten)]
     pub global: Global,
 }
@@ -42,14 +31,7 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<i32> {
     args.global.apply();
     check_limits(args.from, args.size)?;
-    let endpoint = endpoint(&args.addr, args.port)?;
-    let mut conn = connect(
-        &endpoint,
-        args.bind,
-        args.timeouts,
-        &args.tls,
-        &args.export_name,
-    )?;
+    let mut conn = args.conn.connect(&endpoint(&args.addr, args.port)?)?;
     if args.size > 0 {
         let mut input = std::fs::File::from(
             std::io::stdin()
