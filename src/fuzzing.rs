@@ -25,12 +25,12 @@ use crate::proto::handshake::{
     export_name_reply, info_block_size, info_export, newstyle_greeting, oldstyle_greeting,
     option_reply, valid_string, InfoRequest, MetaContextRequest,
 };
-use crate::proto::reply::{parse_error_payload, truncate_utf8};
+use crate::proto::reply::{parse_error_payload, truncate_utf8, Framing};
 use crate::proto::{
     ClientFlags, Command, Greeting, OptionHeader, OptionReplyHeader, ReplyHeader, Request,
 };
 use crate::server::handshake::{negotiate, transmission_flags, ExportInfo, Negotiated};
-use crate::server::validate::{validate, Op, MAX_DF_READ, MAX_REQUEST};
+use crate::server::validate::{block_status_payload, validate, Op, MAX_DF_READ, MAX_REQUEST};
 use crate::stream::Stream;
 use std::io::{self, Read};
 use std::net::{IpAddr, Shutdown};
@@ -84,9 +84,9 @@ pub fn server_handshake(data: &[u8]) {
             None,
             &shutting_down,
         ) {
-            assert_eq!(neg.flags, transmission_flags(&info, neg.structured));
-            assert!(!neg.base_allocation || neg.structured, "{neg:?}");
-            assert!(!info.oldstyle || !neg.structured, "{neg:?}");
+            assert_eq!(neg.flags, transmission_flags(&info, neg.framing));
+            assert!(!neg.base_allocation || neg.structured(), "{neg:?}");
+            assert!(!info.oldstyle || !neg.structured(), "{neg:?}");
             let mut rest = Vec::new();
             let _ = (&conn).take(MAX_AFTER_HANDSHAKE).read_to_end(&mut rest);
             requests(&rest, &[neg], &[info.size], &[info.read_only]);
@@ -104,36 +104,65 @@ pub fn server_handshake(data: &[u8]) {
 /// every kind of negotiation, export size and read-only setting.
 pub fn request_headers(data: &[u8]) {
     let local = ExportInfo::local(EXPORT_SIZE, false, false, 1);
-    let neg = |structured, base_allocation| Negotiated {
-        structured,
+    let neg = |framing, base_allocation| Negotiated {
+        framing,
         base_allocation,
-        flags: transmission_flags(&local, structured),
+        flags: transmission_flags(&local, framing),
     };
-    let negs = [neg(false, false), neg(true, false), neg(true, true)];
-    requests(
-        data,
-        &negs,
-        &[0, 4096, EXPORT_SIZE, 1 << 63, u64::MAX],
-        &[false, true],
-    );
+    let negs = [
+        neg(Framing::Simple, false),
+        neg(Framing::Structured, false),
+        neg(Framing::Structured, true),
+    ];
+    let sizes = [0, 4096, EXPORT_SIZE, 1 << 63, u64::MAX];
+    requests(data, &negs, &sizes, &[false, true]);
+    let ext = [neg(Framing::Extended, false), neg(Framing::Extended, true)];
+    requests(data, &ext, &sizes, &[false, true]);
 }
 
+/// `negs` all agree on the header kind (compact or extended).
 fn requests(mut rest: &[u8], negs: &[Negotiated], sizes: &[u64], read_only: &[bool]) {
+    let extended = negs.first().is_some_and(|n| n.extended());
+    let header = if extended {
+        EXTENDED_REQUEST_LEN
+    } else {
+        REQUEST_LEN
+    };
     while !rest.is_empty() {
-        let req = match Request::decode(rest) {
+        let req = match Request::decode(rest, extended) {
             Ok(None) => break,
             Err(_) => {
                 rest = &rest[1..];
                 continue;
             }
             Ok(Some((req, n))) => {
-                assert_eq!(n, REQUEST_LEN);
+                assert_eq!(n, header);
                 rest = &rest[n..];
                 req
             }
         };
-        assert_eq!(Request::decode(&req.encode()), Ok(Some((req, REQUEST_LEN))));
+        let again = match extended {
+            true => Request::decode(&req.encode_extended(), true),
+            false => Request::decode(&req.encode(), false),
+        };
+        assert_eq!(again, Ok(Some((req, header))));
         let _ = (req.is_entrust(), req.command.name());
+        let payload = usize::try_from(req.payload_len(extended)).unwrap_or(usize::MAX);
+        let body = &rest[payload.min(rest.len())..];
+        let mut req = req;
+        if extended && req.command == Command::BlockStatus && req.flags & CMD_FLAG_PAYLOAD_LEN != 0
+        {
+            match block_status_payload(&req, &rest[..payload.min(rest.len())]) {
+                Ok(r) => {
+                    assert_eq!(r.flags & CMD_FLAG_PAYLOAD_LEN, 0);
+                    req = r;
+                }
+                Err(_) => {
+                    rest = body;
+                    continue;
+                }
+            }
+        }
         for neg in negs {
             for &size in sizes {
                 for &ro in read_only {
@@ -143,14 +172,13 @@ fn requests(mut rest: &[u8], negs: &[Negotiated], sizes: &[u64], read_only: &[bo
                 }
             }
         }
-        let payload = usize::try_from(req.payload_len()).unwrap_or(usize::MAX);
-        rest = &rest[payload.min(rest.len())..];
+        rest = body;
     }
 }
 
 /// What a validated request promises the executor.
 fn check_valid(req: &Request, op: Op, neg: &Negotiated, size: u64, ro: bool) {
-    let end = req.offset.checked_add(u64::from(req.length));
+    let end = req.offset.checked_add(req.length);
     match op {
         Op::Disc | Op::Flush => {}
         _ => assert!(end.is_some_and(|e| e <= size), "{req:?} {op:?} size {size}"),
@@ -161,7 +189,7 @@ fn check_valid(req: &Request, op: Op, neg: &Negotiated, size: u64, ro: bool) {
         Op::Read { df } => {
             assert!(req.length <= MAX_REQUEST);
             assert!(
-                !df || (neg.structured && req.length <= MAX_DF_READ),
+                !df || (neg.structured() && req.length <= MAX_DF_READ),
                 "{req:?}"
             );
         }
@@ -309,7 +337,11 @@ pub fn client_replies(data: &[u8]) {
     let style = mode & 3;
     let structured = style == 2;
     let export = ExportInfo::local(EXPORT_SIZE, false, style == 0, 1);
-    let flags = transmission_flags(&export, structured);
+    let framing = match structured {
+        true => Framing::Structured,
+        false => Framing::Simple,
+    };
+    let flags = transmission_flags(&export, framing);
     let mut script = match style {
         0 => oldstyle_greeting(EXPORT_SIZE, u32::from(flags)).to_vec(),
         3 => newstyle_greeting(0).to_vec(),

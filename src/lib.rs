@@ -26,7 +26,8 @@
 //!   replaced), and the rule for when the image has arrived.
 //! - [`server`]: listeners, ACL at accept (and `--max-clients`), handshake
 //!   (one deadline, `--handshake-timeout`; the one export name,
-//!   `--export-name`, and its description), one session per connection
+//!   `--export-name`, and its description; structured replies and extended
+//!   headers), one session per connection
 //!   (`server::session`; requests run in `server::exec`, replies leave
 //!   through `server::out` with a send deadline); what a session serves
 //!   from is a `server::Backend` (the image, or the proxy's upstream);
@@ -48,7 +49,8 @@
 //!   holds), change observer.
 //! - [`storage`]: positional file I/O, holes and extents (`storage::map`),
 //!   block devices (`storage::device`), the image lock (`storage::lock`).
-//! - [`proto`]: the NBD wire format, no I/O.
+//! - [`proto`]: the NBD wire format, no I/O; compact and extended headers
+//!   (`proto::reply::Framing`), every reply built by `proto::reply::Replies`.
 //! - [`tls`]: TLS settings and handshakes (rustls): `--tls` modes,
 //!   certificate directories, STARTTLS's handshake on a plain stream. The
 //!   server calls it from `server::handshake`, the client from

@@ -451,8 +451,8 @@ fn serve_oldstyle(mut s: TcpStream, f: &File, size: u64) -> Option<()> {
     loop {
         let mut h = [0u8; 28];
         s.read_exact(&mut h).ok()?;
-        let (r, _) = Request::decode(&h).ok()??;
-        let (off, len) = (r.offset, u64::from(r.length));
+        let (r, _) = Request::decode(&h, false).ok()??;
+        let (off, len) = (r.offset, r.length);
         let inside = off.checked_add(len).is_some_and(|end| end <= size);
         match r.command {
             Command::Read if inside => {

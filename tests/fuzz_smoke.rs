@@ -232,7 +232,7 @@ fn meta_req(queries: &[&str]) -> Vec<u8> {
 }
 
 fn req(cmd: Command, flags: u16, cookie: u64, offset: u64, length: u32) -> Vec<u8> {
-    Request::new(cmd, flags, cookie, offset, length)
+    Request::new(cmd, flags, cookie, offset, length.into())
         .encode()
         .to_vec()
 }

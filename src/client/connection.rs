@@ -6,8 +6,7 @@ use super::pipeline::{self, Receiver, Sender};
 use super::reply::{read_header, Failure, ReplyState, Sink};
 use super::transport::{self, ShutdownHandle, Stream};
 use super::{
-    check_range, io_error, unsupported, ClientError, ConnectOptions, ExportInfo, SMALL_WRITE,
-    STREAM_CHUNK,
+    io_error, unsupported, ClientError, ConnectOptions, ExportInfo, SMALL_WRITE, STREAM_CHUNK,
 };
 use crate::addr::Endpoint;
 use crate::proto::consts::*;
@@ -260,13 +259,13 @@ impl Connection {
         len: u64,
     ) -> Result<Request, ClientError> {
         self.usable()?;
-        let length = check_range(offset, len)?;
+        let length = self.info.check_range(offset, len)?;
         Ok(Request::new(cmd, flags, self.cookie(), offset, length))
     }
 
     /// Sends a request header and (for WRITE) an in-memory payload.
     fn send(&mut self, req: &Request, payload: &[u8]) -> Result<(), ClientError> {
-        let header = req.encode();
+        let header = self.info.header(req);
         let mut w = &*self.stream;
         let r = if payload.len() <= SMALL_WRITE && !payload.is_empty() {
             let mut b = Vec::with_capacity(header.len() + payload.len());
@@ -313,7 +312,12 @@ impl Connection {
     /// After the server stopped taking a payload: its error reply, if it sent one.
     fn early_refusal(&self, req: &Request) -> Option<ClientError> {
         self.stream.set_read_timeout(Some(EARLY_REPLY_WAIT)).ok()?;
-        match read_header(&mut &*self.stream, None, &|| false) {
+        match read_header(
+            &mut &*self.stream,
+            self.info.extended_headers,
+            None,
+            &|| false,
+        ) {
             Ok(Some(ReplyHeader::Simple(r))) if r.cookie == req.cookie && r.error != 0 => {
                 Some(ClientError::Nbd {
                     errno: NbdErrno::from_code(r.error),
@@ -328,9 +332,12 @@ impl Connection {
     fn wait(&self, req: &Request, sink: &mut Sink<'_>) -> Result<Result<(), Failure>, ClientError> {
         let mut r: &Stream = &self.stream;
         let s: &mut dyn super::input::ReplyInput = &mut r;
-        let mut state = ReplyState::new(req.offset, u64::from(req.length), self.request_timeout);
+        let mut state = ReplyState::new(req.offset, req.length, self.request_timeout);
         loop {
-            let h = read_header(s, self.request_timeout, &|| false)?.ok_or(ClientError::Closed)?;
+            let h = read_header(s, self.info.extended_headers, self.request_timeout, &|| {
+                false
+            })?
+            .ok_or(ClientError::Closed)?;
             if h.cookie() != req.cookie {
                 return Err(ClientError::WrongHandle(h.cookie()));
             }

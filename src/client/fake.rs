@@ -47,7 +47,7 @@ impl Peer {
     pub fn request(&mut self) -> Option<Request> {
         let mut h = [0u8; REQUEST_LEN];
         self.s.read_exact(&mut h).ok()?;
-        Request::decode(&h).ok().flatten().map(|(r, _)| r)
+        Request::decode(&h, false).ok().flatten().map(|(r, _)| r)
     }
 
     /// Sends `b`, ends the server's side of the stream, and takes in whatever

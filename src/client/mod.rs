@@ -31,7 +31,7 @@ pub use pipeline::{Body, Completion, Receiver, Sender};
 pub use transport::{Cancel, ShutdownHandle};
 
 use crate::proto::consts::*;
-use crate::proto::NbdErrno;
+use crate::proto::{Command, NbdErrno, Request};
 use std::io;
 use std::net::IpAddr;
 use std::time::Duration;
@@ -134,6 +134,10 @@ pub struct ConnectOptions {
     /// Also select the `base:allocation` meta context (for BLOCK_STATUS);
     /// only with structured replies.
     pub base_allocation: bool,
+    /// Ask for extended headers first (64-bit lengths: WRITE_ZEROES and
+    /// TRIM of any size in one request; they include structured replies).
+    /// A server without them gets asked for what `structured_replies` says.
+    pub extended_headers: bool,
     /// Socket timeout while waiting for a reply in the transmission phase; `None` waits forever.
     pub request_timeout: Option<Duration>,
     /// A migration link: TCP keepalive and `TCP_USER_TIMEOUT` notice a dead peer fast.
@@ -153,6 +157,7 @@ impl Default for ConnectOptions {
             export_name: String::new(),
             structured_replies: false,
             base_allocation: false,
+            extended_headers: false,
             request_timeout: None,
             migration: false,
             cancel: None,
@@ -180,6 +185,9 @@ pub struct ExportInfo {
     pub oldstyle: bool,
     /// Structured replies were negotiated.
     pub structured_replies: bool,
+    /// Extended headers were negotiated (32-byte requests and replies,
+    /// 64-bit lengths; implies structured replies).
+    pub extended_headers: bool,
     /// The id the server gave `base:allocation`, when it was selected.
     pub base_allocation: Option<u32>,
     /// Block size constraints, if the server sent them.
@@ -210,17 +218,67 @@ impl ExportInfo {
     pub fn can_write_zeroes(&self) -> bool {
         self.has(FLAG_SEND_WRITE_ZEROES)
     }
+
+    /// The longest WRITE_ZEROES or TRIM one request may ask for.
+    pub fn max_effect_len(&self) -> u64 {
+        match self.extended_headers {
+            true => i64::MAX as u64,
+            false => u32::MAX as u64,
+        }
+    }
+
+    /// `req`'s header as this connection frames requests: compact, or
+    /// extended (where a WRITE says its payload length, `PAYLOAD_LEN`).
+    pub(crate) fn header(&self, req: &Request) -> RequestHead {
+        let mut head = RequestHead {
+            buf: [0; EXTENDED_REQUEST_LEN],
+            len: REQUEST_LEN,
+        };
+        if self.extended_headers {
+            let mut r = *req;
+            if r.command == Command::Write {
+                r.flags |= CMD_FLAG_PAYLOAD_LEN;
+            }
+            head.buf = r.encode_extended();
+            head.len = EXTENDED_REQUEST_LEN;
+        } else {
+            head.buf[..REQUEST_LEN].copy_from_slice(&req.encode());
+        }
+        head
+    }
+
+    /// Checks that `len` bytes at `offset` form a valid request range here
+    /// (32-bit lengths without extended headers).
+    fn check_range(&self, offset: u64, len: u64) -> Result<u64, ClientError> {
+        check_range(offset, len, self.extended_headers)
+    }
+}
+
+/// A request header built on the stack.
+pub(crate) struct RequestHead {
+    buf: [u8; EXTENDED_REQUEST_LEN],
+    len: usize,
+}
+
+impl std::ops::Deref for RequestHead {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
 }
 
 /// Checks that `len` bytes at `offset` form a valid request range.
-fn check_range(offset: u64, len: u64) -> Result<u32, ClientError> {
-    let l = u32::try_from(len)
-        .map_err(|_| ClientError::Invalid(format!("length {len} exceeds the NBD limit")))?;
+fn check_range(offset: u64, len: u64, extended: bool) -> Result<u64, ClientError> {
+    if !extended && len > u32::MAX as u64 {
+        return Err(ClientError::Invalid(format!(
+            "length {len} exceeds the NBD limit"
+        )));
+    }
     offset
         .checked_add(len)
         .filter(|end| *end <= i64::MAX as u64)
         .ok_or_else(|| ClientError::Invalid(format!("offset {offset} + length {len} overflows")))?;
-    Ok(l)
+    Ok(len)
 }
 
 fn unsupported(what: &str) -> ClientError {

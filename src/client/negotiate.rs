@@ -50,6 +50,7 @@ pub(crate) fn negotiate(
             flags: (flags & 0xffff) as u16,
             oldstyle: true,
             structured_replies: false,
+            extended_headers: false,
             base_allocation: None,
             block_size: None,
         },
@@ -123,17 +124,29 @@ impl Haggle<'_> {
             // A plain newstyle server may drop the connection on any other option.
             return self.export_name(name, no_zeroes, false);
         }
-        let structured = opts.structured_replies && self.structured_replies()?;
+        // Extended headers include structured replies; a server without
+        // them is asked for structured replies alone.
+        let extended = opts.extended_headers && self.simple_option(OPT_EXTENDED_HEADERS)?;
+        let structured =
+            extended || (opts.structured_replies && self.simple_option(OPT_STRUCTURED_REPLY)?);
         let base_allocation = match structured && opts.base_allocation {
             true => self.base_allocation(name)?,
             false => None,
         };
         let info = match self.go(name, structured)? {
             Some(info) => info,
+            // EXPORT_NAME cannot follow extended headers (and a server
+            // that has them has GO).
+            None if extended => {
+                return Err(ClientError::Protocol(
+                    "the server agreed to extended headers but refused NBD_OPT_GO".into(),
+                ))
+            }
             None => self.export_name(name, no_zeroes, structured)?,
         };
         Ok(ExportInfo {
             base_allocation,
+            extended_headers: extended,
             ..info
         })
     }
@@ -191,14 +204,16 @@ impl Haggle<'_> {
         Ok(())
     }
 
-    fn structured_replies(&mut self) -> Result<bool, ClientError> {
-        let req = OptionHeader::encode_with(OPT_STRUCTURED_REPLY, &[]);
-        self.send(&req, "NBD_OPT_STRUCTURED_REPLY")?;
-        let (h, _) = self.option_reply(OPT_STRUCTURED_REPLY)?;
+    /// An option without data (STRUCTURED_REPLY, EXTENDED_HEADERS): true
+    /// if the server agreed, false if it refused.
+    fn simple_option(&mut self, opt: u32) -> Result<bool, ClientError> {
+        let req = OptionHeader::encode_with(opt, &[]);
+        self.send(&req, opt_name(opt))?;
+        let (h, _) = self.option_reply(opt)?;
         match h.reply_type {
             REP_ACK => Ok(true),
             _ if h.is_error() => Ok(false),
-            t => Err(unexpected(t, OPT_STRUCTURED_REPLY)),
+            t => Err(unexpected(t, opt)),
         }
     }
 
@@ -227,6 +242,7 @@ impl Haggle<'_> {
                         flags,
                         oldstyle: false,
                         structured_replies: structured,
+                        extended_headers: false,
                         base_allocation: None,
                         block_size,
                     }));
@@ -273,6 +289,7 @@ impl Haggle<'_> {
             flags: be_u16(&b, 8),
             oldstyle: false,
             structured_replies: structured,
+            extended_headers: false,
             base_allocation: None,
             block_size: None,
         })
@@ -386,6 +403,7 @@ fn opt_name(option: u32) -> &'static str {
         OPT_EXPORT_NAME => "NBD_OPT_EXPORT_NAME",
         OPT_GO => "NBD_OPT_GO",
         OPT_STRUCTURED_REPLY => "NBD_OPT_STRUCTURED_REPLY",
+        OPT_EXTENDED_HEADERS => "NBD_OPT_EXTENDED_HEADERS",
         _ => "an option",
     }
 }

@@ -6,7 +6,7 @@
 use super::input::{Input, Pipe, ReplyInput};
 use super::reply::{read_header, ReplyState, Sink};
 use super::transport::{ShutdownHandle, Stream};
-use super::{check_range, io_error, unsupported, ClientError, ExportInfo, SMALL_WRITE};
+use super::{io_error, unsupported, ClientError, ExportInfo, SMALL_WRITE};
 use crate::proto::consts::*;
 use crate::proto::{Command, ReplyHeader, Request};
 use std::collections::HashMap;
@@ -33,7 +33,8 @@ impl Expect {
         match req.command {
             Command::Read => Expect::Data {
                 offset: req.offset,
-                len: req.length,
+                // The client sends READs of 32-bit lengths only.
+                len: req.length as u32,
             },
             Command::BlockStatus => Expect::Extents,
             _ => Expect::Nothing,
@@ -167,7 +168,7 @@ impl Sender {
             true => CMD_FLAG_FUA,
             false => 0,
         };
-        let len = check_range(offset, data.len() as u64)?;
+        let len = self.info.check_range(offset, data.len() as u64)?;
         self.send(
             Request::new(Command::Write, flags, cookie, offset, len),
             data,
@@ -186,7 +187,7 @@ impl Sender {
             return Err(unsupported("WRITE_ZEROES"));
         }
         let flags = if no_hole { CMD_FLAG_NO_HOLE } else { 0 };
-        let len = check_range(offset, len)?;
+        let len = self.info.check_range(offset, len)?;
         self.send(
             Request::new(Command::WriteZeroes, flags, cookie, offset, len),
             &[],
@@ -198,7 +199,7 @@ impl Sender {
         if !self.info.can_trim() {
             return Err(unsupported("TRIM"));
         }
-        let len = check_range(offset, len)?;
+        let len = self.info.check_range(offset, len)?;
         self.send(Request::new(Command::Trim, 0, cookie, offset, len), &[])
     }
 
@@ -218,8 +219,11 @@ impl Sender {
 
     /// Sends a READ of `len` bytes at `offset`; the data comes with its completion.
     pub fn read(&mut self, cookie: u64, offset: u64, len: u32) -> Result<(), ClientError> {
-        check_range(offset, u64::from(len))?;
-        self.send(Request::new(Command::Read, 0, cookie, offset, len), &[])
+        self.info.check_range(offset, u64::from(len))?;
+        self.send(
+            Request::new(Command::Read, 0, cookie, offset, len.into()),
+            &[],
+        )
     }
 
     /// Sends any request as it is (the proxy forwards clients' requests this
@@ -255,10 +259,10 @@ impl Sender {
                 "payload length differs from the request's".into(),
             ));
         }
-        check_range(req.offset, u64::from(req.length))?;
+        self.info.check_range(req.offset, req.length)?;
         self.register(&req)?;
         if payload.len() <= SMALL_WRITE && self.queued.len() + payload.len() < QUEUE_CAP {
-            self.queued.extend_from_slice(&req.encode());
+            self.queued.extend_from_slice(&self.info.header(&req));
             self.queued.extend_from_slice(payload);
             return Ok(());
         }
@@ -281,7 +285,7 @@ impl Sender {
     /// still collects replies to earlier requests, then sees the end of the stream.
     pub fn disconnect(&mut self) -> Result<(), ClientError> {
         self.send_queued()?;
-        let header = Request::new(Command::Disc, 0, 0, 0, 0).encode();
+        let header = self.info.header(&Request::new(Command::Disc, 0, 0, 0, 0));
         let mut w = &*self.stream;
         w.write_all(&header)
             .and_then(|_| w.flush())
@@ -314,7 +318,7 @@ impl Sender {
 
     /// Writes a request and its payload (in one write when small).
     fn write_out(&mut self, req: &Request, payload: &[u8]) -> Result<(), ClientError> {
-        let header = req.encode();
+        let header = self.info.header(req);
         let mut w = &*self.stream;
         let r = if !payload.is_empty() && payload.len() <= SMALL_WRITE {
             self.scratch.clear();
@@ -379,7 +383,7 @@ impl Receiver {
         loop {
             let in_flight = &self.in_flight;
             let idle = || in_flight.lock().is_empty();
-            let Some(h) = read_header(s, timeout, &idle)? else {
+            let Some(h) = read_header(s, self.info.extended_headers, timeout, &idle)? else {
                 return if idle() {
                     Ok(None)
                 } else {

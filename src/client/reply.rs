@@ -64,15 +64,18 @@ impl Failure {
     }
 }
 
-/// Reads the next reply header. `Ok(None)` means the server closed the connection
-/// between replies. A timeout before the first byte asks `idle` whether to keep
-/// waiting (nothing is in flight); any other timeout is an error.
+/// Reads the next reply header: with `extended` headers only extended
+/// chunks, else simple replies and compact chunks. `Ok(None)` means the
+/// server closed the connection between replies. A timeout before the first
+/// byte asks `idle` whether to keep waiting (nothing is in flight); any
+/// other timeout is an error.
 pub(crate) fn read_header(
     s: &mut dyn ReplyInput,
+    extended: bool,
     timeout: Option<Duration>,
     idle: &dyn Fn() -> bool,
 ) -> Result<Option<ReplyHeader>, ClientError> {
-    let mut buf = [0u8; STRUCTURED_REPLY_LEN];
+    let mut buf = [0u8; EXTENDED_REPLY_LEN];
     let mut have = 0;
     let mut need = 4;
     while have < need {
@@ -91,9 +94,15 @@ pub(crate) fn read_header(
             Err(e) => return Err(io_error(e, timeout)),
         }
         if have == 4 && need == 4 {
-            need = match be_u32(&buf, 0) {
-                SIMPLE_REPLY_MAGIC => SIMPLE_REPLY_LEN,
-                STRUCTURED_REPLY_MAGIC => STRUCTURED_REPLY_LEN,
+            need = match (be_u32(&buf, 0), extended) {
+                (SIMPLE_REPLY_MAGIC, false) => SIMPLE_REPLY_LEN,
+                (STRUCTURED_REPLY_MAGIC, false) => STRUCTURED_REPLY_LEN,
+                (EXTENDED_REPLY_MAGIC, true) => EXTENDED_REPLY_LEN,
+                (m, true) => {
+                    return Err(ClientError::Protocol(format!(
+                        "reply magic {m:#010x} where extended headers were agreed"
+                    )))
+                }
                 _ => 4,
             };
         }
@@ -182,7 +191,9 @@ impl ReplyState {
                 let Sink::Extents { id, out } = sink else {
                     return Err(proto("block status chunk in reply to another request"));
                 };
-                if c.length < 12 || !(c.length - 4).is_multiple_of(8) || c.length > MAX_STATUS_CHUNK
+                if c.length < 12
+                    || !(c.length - 4).is_multiple_of(8)
+                    || c.length > MAX_STATUS_CHUNK as u64
                 {
                     return Err(proto("BLOCK_STATUS chunk of a bad length"));
                 }
@@ -194,6 +205,34 @@ impl ReplyState {
                 out.extend(p[4..].chunks_exact(8).map(|d| (be_u32(d, 0), be_u32(d, 4))));
                 self.delivered = self.len;
             }
+            REPLY_TYPE_BLOCK_STATUS_EXT => {
+                let Sink::Extents { id, out } = sink else {
+                    return Err(proto("block status chunk in reply to another request"));
+                };
+                if c.length < 24
+                    || !(c.length - 8).is_multiple_of(16)
+                    || c.length > 2 * MAX_STATUS_CHUNK as u64
+                {
+                    return Err(proto("BLOCK_STATUS_EXT chunk of a bad length"));
+                }
+                let mut p = vec![0u8; c.length as usize];
+                self.read_exact(s, &mut p)?;
+                if be_u32(&p, 0) != *id {
+                    return Err(proto("BLOCK_STATUS chunk for a context not selected"));
+                }
+                if be_u32(&p, 4) as usize != (p.len() - 8) / 16 {
+                    return Err(proto(
+                        "BLOCK_STATUS_EXT descriptor count differs from its length",
+                    ));
+                }
+                // This client asks about 32-bit ranges: longer extents are
+                // cut (to a 4 KiB multiple), and flags are 32-bit.
+                out.extend(p[8..].chunks_exact(16).map(|d| {
+                    let len = be_u64(d, 0).min(u32::MAX as u64 & !0xfff);
+                    (len as u32, be_u64(d, 8) as u32)
+                }));
+                self.delivered = self.len;
+            }
             REPLY_TYPE_OFFSET_DATA => {
                 if !sink.takes_data() {
                     return Err(proto("data chunk in reply to a request without data"));
@@ -203,7 +242,7 @@ impl ReplyState {
                 }
                 let mut b = [0u8; 8];
                 self.read_exact(s, &mut b)?;
-                let n = u64::from(c.length - 8);
+                let n = c.length - 8;
                 let rel = self.place(be_u64(&b, 0), n)?;
                 self.copy_in(s, sink, rel, n)?;
             }
@@ -221,7 +260,7 @@ impl ReplyState {
                 self.zeroes(sink, rel, n)?;
             }
             k if k & 0x8000 != 0 => {
-                if c.length > MAX_ERROR_CHUNK {
+                if c.length > MAX_ERROR_CHUNK as u64 {
                     return Err(proto("error chunk too long"));
                 }
                 let mut p = vec![0u8; c.length as usize];

@@ -21,7 +21,7 @@ const MAX_WRITE: u64 = 8 << 20;
 /// data may be unconfirmed, so forwarded client writes wait behind little.
 const ACTIVE_WRITE: u64 = 256 << 10;
 const ACTIVE_IN_FLIGHT: u64 = 2 << 20;
-/// Largest single WRITE_ZEROES sent to the destination.
+/// Largest single WRITE_ZEROES sent to a destination without extended headers.
 const MAX_ZEROES: u64 = 1 << 30;
 /// Extents looked up at a time during the first sweep.
 const SWEEP_EXTENTS: usize = 1024;
@@ -436,13 +436,18 @@ fn send_zeroes(s: &Shared, link: &Link, off: u64, len: u64) -> Result<(), Stop> 
     if !link.can_write_zeroes() {
         return send_data(s, link, off, len, true, Lane::COPY);
     }
+    // With extended headers a hole of any size goes in one request.
+    let most = match link.max_zeroes() > u64::from(u32::MAX) {
+        true => link.max_zeroes(),
+        false => MAX_ZEROES,
+    };
     let end = off + len;
     let mut pos = off;
     while pos < end {
         if s.stopped() {
             return Err(Stop::Stopped);
         }
-        let n = (end - pos).min(MAX_ZEROES);
+        let n = (end - pos).min(most);
         let Some(claim) = link.inflight.claim(pos, n, None) else {
             return Err(link_failed(s, link));
         };

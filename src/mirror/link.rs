@@ -144,6 +144,8 @@ pub struct Link {
     pub inflight: Arc<Inflight>,
     flags: u16,
     oldstyle: bool,
+    /// The longest WRITE_ZEROES the destination takes in one request.
+    max_zeroes: u64,
     /// Bytes of writes the destination confirmed.
     confirmed: AtomicU64,
     /// When the destination last confirmed anything (ms after `epoch`).
@@ -167,6 +169,7 @@ impl Link {
     ) -> Result<Arc<Link>, ClientError> {
         let flags = conn.flags();
         let oldstyle = conn.is_oldstyle();
+        let max_zeroes = conn.info().max_effect_len();
         let (sender, receiver) = conn.into_pipeline(timeout)?;
         let link = Arc::new(Link {
             shutdown: sender.shutdown_handle(),
@@ -178,6 +181,7 @@ impl Link {
             inflight: Inflight::new(),
             flags,
             oldstyle,
+            max_zeroes,
             confirmed: AtomicU64::new(0),
             epoch: Instant::now(),
             last_confirm_ms: AtomicU64::new(0),
@@ -212,6 +216,12 @@ impl Link {
 
     fn lock_threads(&self) -> MutexGuard<'_, Vec<JoinHandle<()>>> {
         self.threads.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The longest WRITE_ZEROES one request may ask for (any length with
+    /// extended headers, 32 bits without).
+    pub fn max_zeroes(&self) -> u64 {
+        self.max_zeroes
     }
 
     pub fn can_write_zeroes(&self) -> bool {

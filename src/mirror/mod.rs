@@ -149,6 +149,8 @@ fn connect(s: &Shared) -> Result<Connection, ConnectFailure> {
         cancel: Some(s.cancel.clone()),
         tls: spec.tls.clone(),
         export_name: spec.export_name.clone(),
+        // Holes of any size are then zeroed in one request.
+        extended_headers: true,
         ..ConnectOptions::default()
     };
     let fail = |kind, detail: String| {

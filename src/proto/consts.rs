@@ -12,6 +12,9 @@ pub const OPT_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
 pub const REQUEST_MAGIC: u32 = 0x2560_9513;
 pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
 pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
+/// Request and reply magics once NBD_OPT_EXTENDED_HEADERS is agreed.
+pub const EXTENDED_REQUEST_MAGIC: u32 = 0x21e4_1c71;
+pub const EXTENDED_REPLY_MAGIC: u32 = 0x6e8a_278c;
 
 /// Size of the old-style greeting.
 pub const OLDSTYLE_GREETING_LEN: usize = 152;
@@ -20,6 +23,8 @@ pub const NEWSTYLE_GREETING_LEN: usize = 18;
 pub const REQUEST_LEN: usize = 28;
 pub const SIMPLE_REPLY_LEN: usize = 16;
 pub const STRUCTURED_REPLY_LEN: usize = 20;
+pub const EXTENDED_REQUEST_LEN: usize = 32;
+pub const EXTENDED_REPLY_LEN: usize = 32;
 pub const OPTION_HEADER_LEN: usize = 16;
 pub const OPTION_REPLY_HEADER_LEN: usize = 20;
 
@@ -42,6 +47,9 @@ pub const FLAG_CAN_MULTI_CONN: u16 = 1 << 8;
 pub const FLAG_SEND_RESIZE: u16 = 1 << 9;
 pub const FLAG_SEND_CACHE: u16 = 1 << 10;
 pub const FLAG_SEND_FAST_ZERO: u16 = 1 << 11;
+/// BLOCK_STATUS may carry a payload naming the contexts wanted (extended
+/// headers only).
+pub const FLAG_BLOCK_STATUS_PAYLOAD: u16 = 1 << 12;
 
 // Options.
 pub const OPT_EXPORT_NAME: u32 = 1;
@@ -71,6 +79,7 @@ pub const REP_ERR_UNKNOWN: u32 = REP_FLAG_ERROR | 6;
 pub const REP_ERR_SHUTDOWN: u32 = REP_FLAG_ERROR | 7;
 pub const REP_ERR_BLOCK_SIZE_REQD: u32 = REP_FLAG_ERROR | 8;
 pub const REP_ERR_TOO_BIG: u32 = REP_FLAG_ERROR | 9;
+pub const REP_ERR_EXT_HEADER_REQD: u32 = REP_FLAG_ERROR | 10;
 
 // Info types.
 pub const INFO_EXPORT: u16 = 0;
@@ -100,6 +109,8 @@ pub const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
 pub const CMD_FLAG_DF: u16 = 1 << 2;
 pub const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
 pub const CMD_FLAG_FAST_ZERO: u16 = 1 << 4;
+/// `length` is the length of a payload that follows (extended headers only).
+pub const CMD_FLAG_PAYLOAD_LEN: u16 = 1 << 5;
 
 // Structured reply flags and chunk types.
 pub const REPLY_FLAG_DONE: u16 = 1 << 0;
@@ -107,6 +118,7 @@ pub const REPLY_TYPE_NONE: u16 = 0;
 pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
 pub const REPLY_TYPE_OFFSET_HOLE: u16 = 2;
 pub const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
+pub const REPLY_TYPE_BLOCK_STATUS_EXT: u16 = 6;
 pub const REPLY_TYPE_ERROR: u16 = (1 << 15) | 1;
 pub const REPLY_TYPE_ERROR_OFFSET: u16 = (1 << 15) | 2;
 

@@ -1,4 +1,6 @@
-//! Transmission-phase requests (28-byte header, optional WRITE payload).
+//! Transmission-phase requests: the 28-byte header, or the 32-byte one with
+//! a 64-bit length once extended headers are agreed; a WRITE payload (or,
+//! with extended headers, any payload flagged `PAYLOAD_LEN`) follows.
 
 use super::consts::*;
 use super::{be_u16, be_u32, be_u64, ProtoError};
@@ -52,7 +54,8 @@ impl Command {
             | match self {
                 Command::Read => CMD_FLAG_DF,
                 Command::WriteZeroes => CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
-                Command::BlockStatus => CMD_FLAG_REQ_ONE,
+                Command::BlockStatus => CMD_FLAG_REQ_ONE | CMD_FLAG_PAYLOAD_LEN,
+                Command::Write => CMD_FLAG_PAYLOAD_LEN,
                 _ => 0,
             }
     }
@@ -72,18 +75,19 @@ impl Command {
     }
 }
 
-/// A request header. For WRITE, `length` payload bytes follow it on the wire.
+/// A request header. For WRITE, `length` payload bytes follow it on the
+/// wire. `length` is 64-bit; the compact header carries 32 bits of it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Request {
     pub flags: u16,
     pub command: Command,
     pub cookie: u64,
     pub offset: u64,
-    pub length: u32,
+    pub length: u64,
 }
 
 impl Request {
-    pub fn new(command: Command, flags: u16, cookie: u64, offset: u64, length: u32) -> Self {
+    pub fn new(command: Command, flags: u16, cookie: u64, offset: u64, length: u64) -> Self {
         Request {
             flags,
             command,
@@ -106,43 +110,68 @@ impl Request {
         field == ENTRUST_TYPE && self.offset == 0 && self.length == 0
     }
 
-    /// Decodes a request header. A wrong magic is fatal for the stream.
-    pub fn decode(buf: &[u8]) -> Result<Option<(Request, usize)>, ProtoError> {
-        if buf.len() < REQUEST_LEN {
-            return Ok(None);
-        }
-        let magic = be_u32(buf, 0);
-        if magic != REQUEST_MAGIC {
+    /// Decodes a request header, compact or (`extended`) the extended one.
+    /// A wrong magic is fatal for the stream.
+    pub fn decode(buf: &[u8], extended: bool) -> Result<Option<(Request, usize)>, ProtoError> {
+        let (magic, len) = match extended {
+            false => (REQUEST_MAGIC, REQUEST_LEN),
+            true => (EXTENDED_REQUEST_MAGIC, EXTENDED_REQUEST_LEN),
+        };
+        // The magic is checked as soon as it is there: a header of the
+        // other kind (shorter or longer) is refused without waiting for more.
+        if buf.len() >= 4 && be_u32(buf, 0) != magic {
             return Err(ProtoError::BadMagic {
-                expected: REQUEST_MAGIC as u64,
-                got: magic as u64,
+                expected: magic as u64,
+                got: be_u32(buf, 0) as u64,
             });
+        }
+        if buf.len() < len {
+            return Ok(None);
         }
         let req = Request {
             flags: be_u16(buf, 4),
             command: Command::from_code(be_u16(buf, 6)),
             cookie: be_u64(buf, 8),
             offset: be_u64(buf, 16),
-            length: be_u32(buf, 24),
+            length: match extended {
+                false => be_u32(buf, 24) as u64,
+                true => be_u64(buf, 24),
+            },
         };
-        Ok(Some((req, REQUEST_LEN)))
+        Ok(Some((req, len)))
     }
 
+    /// The compact header; the caller keeps `length` within 32 bits.
     pub fn encode(&self) -> [u8; REQUEST_LEN] {
+        debug_assert!(self.length <= u32::MAX as u64);
         let mut b = [0u8; REQUEST_LEN];
-        b[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
+        self.encode_start(&mut b, REQUEST_MAGIC);
+        b[24..28].copy_from_slice(&(self.length as u32).to_be_bytes());
+        b
+    }
+
+    /// The extended header (64-bit length).
+    pub fn encode_extended(&self) -> [u8; EXTENDED_REQUEST_LEN] {
+        let mut b = [0u8; EXTENDED_REQUEST_LEN];
+        self.encode_start(&mut b, EXTENDED_REQUEST_MAGIC);
+        b[24..32].copy_from_slice(&self.length.to_be_bytes());
+        b
+    }
+
+    fn encode_start(&self, b: &mut [u8], magic: u32) {
+        b[0..4].copy_from_slice(&magic.to_be_bytes());
         b[4..6].copy_from_slice(&self.flags.to_be_bytes());
         b[6..8].copy_from_slice(&self.command.code().to_be_bytes());
         b[8..16].copy_from_slice(&self.cookie.to_be_bytes());
         b[16..24].copy_from_slice(&self.offset.to_be_bytes());
-        b[24..28].copy_from_slice(&self.length.to_be_bytes());
-        b
     }
 
-    /// Number of payload bytes that follow this header on the wire.
-    pub fn payload_len(&self) -> u64 {
-        if self.command == Command::Write {
-            self.length as u64
+    /// Number of payload bytes that follow this header on the wire: a
+    /// WRITE's data, and with extended headers whatever `PAYLOAD_LEN` flags.
+    pub fn payload_len(&self, extended: bool) -> u64 {
+        let flagged = extended && self.flags & CMD_FLAG_PAYLOAD_LEN != 0;
+        if self.command == Command::Write || flagged {
+            self.length
         } else {
             0
         }
@@ -158,8 +187,15 @@ mod tests {
     fn needs_more_bytes() {
         let r = Request::new(Command::Read, 0, 7, 4096, 512).encode();
         for n in 0..REQUEST_LEN {
-            assert_eq!(Request::decode(&r[..n]), Ok(None));
+            assert_eq!(Request::decode(&r[..n], false), Ok(None));
         }
+        let e = Request::new(Command::Read, 0, 7, 4096, 512).encode_extended();
+        for n in 0..EXTENDED_REQUEST_LEN {
+            assert_eq!(Request::decode(&e[..n], true), Ok(None));
+        }
+        // A compact header where an extended one is due is refused at once.
+        assert!(Request::decode(&r[..4], true).is_err());
+        assert!(Request::decode(&e[..4], false).is_err());
     }
 
     #[test]
@@ -167,7 +203,7 @@ mod tests {
         let mut r = Request::new(Command::Read, 0, 7, 4096, 512).encode();
         r[0] ^= 0xff;
         assert!(matches!(
-            Request::decode(&r),
+            Request::decode(&r, false),
             Err(ProtoError::BadMagic { .. })
         ));
     }
@@ -175,7 +211,7 @@ mod tests {
     #[test]
     fn unknown_command_is_data() {
         let r = Request::new(Command::Unknown(99), 0, 1, 0, 0).encode();
-        let (d, _) = Request::decode(&r).unwrap().unwrap();
+        let (d, _) = Request::decode(&r, false).unwrap().unwrap();
         assert_eq!(d.command, Command::Unknown(99));
     }
 
@@ -183,7 +219,7 @@ mod tests {
     fn entrust_is_a_zero_length_fua_read_on_the_wire() {
         let b = Request::entrust(9).encode();
         assert_eq!(be_u32(&b, 4), ENTRUST_TYPE);
-        let (d, _) = Request::decode(&b).unwrap().unwrap();
+        let (d, _) = Request::decode(&b, false).unwrap().unwrap();
         assert!(d.is_entrust());
         assert_eq!(
             (d.command, d.flags, d.length),
@@ -196,18 +232,31 @@ mod tests {
     proptest! {
         #[test]
         fn roundtrip(flags: u16, code: u16, cookie: u64, offset: u64, length: u32, extra in proptest::collection::vec(any::<u8>(), 0..40)) {
-            let req = Request::new(Command::from_code(code), flags, cookie, offset, length);
+            let req = Request::new(Command::from_code(code), flags, cookie, offset, length as u64);
             let mut bytes = req.encode().to_vec();
             bytes.extend_from_slice(&extra);
-            let (d, used) = Request::decode(&bytes).unwrap().unwrap();
+            let (d, used) = Request::decode(&bytes, false).unwrap().unwrap();
             prop_assert_eq!(used, REQUEST_LEN);
             prop_assert_eq!(d, req);
             prop_assert_eq!(d.command.code(), code);
+            // Each header is refused where the other is expected.
+            prop_assert!(Request::decode(&bytes, true).is_err() || bytes.len() < EXTENDED_REQUEST_LEN);
         }
 
         #[test]
-        fn never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
-            let _ = Request::decode(&bytes);
+        fn extended_roundtrip(flags: u16, code: u16, cookie: u64, offset: u64, length: u64, extra in proptest::collection::vec(any::<u8>(), 0..40)) {
+            let req = Request::new(Command::from_code(code), flags, cookie, offset, length);
+            let mut bytes = req.encode_extended().to_vec();
+            bytes.extend_from_slice(&extra);
+            let (d, used) = Request::decode(&bytes, true).unwrap().unwrap();
+            prop_assert_eq!(used, EXTENDED_REQUEST_LEN);
+            prop_assert_eq!(d, req);
+            prop_assert!(Request::decode(&bytes, false).is_err());
+        }
+
+        #[test]
+        fn never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..64), extended: bool) {
+            let _ = Request::decode(&bytes, extended);
         }
     }
 }

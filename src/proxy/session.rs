@@ -158,7 +158,7 @@ impl Replier {
         let Some(ra) = g.as_ref() else {
             return false;
         };
-        let end = req.offset + u64::from(req.length);
+        let end = req.offset + req.length;
         if ra.generation != self.up.generation()
             || req.offset < ra.offset
             || end > ra.offset + ra.data.len() as u64
@@ -243,7 +243,7 @@ impl Answer for Replier {
             Outcome::Done(Body::Data(mut d)) => {
                 if let Some((want, generation)) = readahead {
                     let rest = d.split_off((want as usize).min(d.len()));
-                    req.length = want;
+                    req.length = want.into();
                     *self.cache.lock().unwrap_or_else(|p| p.into_inner()) = Some(ReadAhead {
                         generation,
                         offset: req.offset + u64::from(want),
@@ -285,7 +285,7 @@ pub fn run(up: Arc<Upstream>, conn: Stream, neg: Negotiated, client: Client<'_>)
         conn: wconn,
         writer: Mutex::new(()),
         send: client.send,
-        structured: neg.structured,
+        structured: neg.structured(),
         name: name.clone(),
         gone: AtomicBool::new(false),
         up: up.clone(),
@@ -328,8 +328,8 @@ fn serve(up: &Upstream, link: &Link, replier: &Replier, rd: &mut Reader, neg: &N
         };
         rd.consume_header();
         let op = validate(&req, neg, up.size(), read_only);
-        let too_big =
-            matches!(req.command, Command::Read | Command::Write) && req.length > MAX_REQUEST;
+        let too_big = matches!(req.command, Command::Read | Command::Write)
+            && req.length > u64::from(MAX_REQUEST);
         let refusal = match op {
             Err(r) => Some((r.errno, r.msg)),
             Ok(_) if too_big => Some((NbdErrno::Inval, "request larger than 32 MiB")),
@@ -339,8 +339,8 @@ fn serve(up: &Upstream, link: &Link, replier: &Replier, rd: &mut Reader, neg: &N
             Ok(_) => None,
         };
         if let Some((errno, msg)) = refusal {
-            if req.payload_len() > 0 {
-                if let Err(e) = rd.skip(req.payload_len()) {
+            if req.payload_len(false) > 0 {
+                if let Err(e) = rd.skip(req.payload_len(false)) {
                     return read_end(e, replier);
                 }
             }
@@ -368,17 +368,18 @@ fn serve(up: &Upstream, link: &Link, replier: &Replier, rd: &mut Reader, neg: &N
         match op {
             Op::Read { .. } => {
                 let cache = up.settings().cache;
-                if req.length > 0 && req.length <= cache {
+                if req.length > 0 && req.length <= u64::from(cache) {
                     if replier.cached(&req) {
                         replier.flush();
                         continue;
                     }
                     // Fetch twice as much when that fits the export.
-                    let end = (req.offset + 2 * u64::from(req.length)).min(up.size());
-                    fwd.length = (end - req.offset) as u32;
+                    let end = (req.offset + 2 * req.length).min(up.size());
+                    fwd.length = end - req.offset;
                     tag = Tag::Client {
                         cookie: req.cookie,
-                        readahead: Some((req.length, up.generation())),
+                        // At most `cache`, a u32.
+                        readahead: Some((req.length as u32, up.generation())),
                     };
                 }
             }

@@ -274,6 +274,8 @@ fn connect(
         export_name: set.export_name.clone(),
         structured_replies: true,
         base_allocation: true,
+        // Clients' requests are forwarded as they came: compact headers.
+        extended_headers: false,
         request_timeout: Some(set.timeout),
         migration: false,
         cancel,
@@ -303,6 +305,8 @@ impl Backend for Upstream {
             min_block: self.info.block_size.map_or(1, |b| b.minimum.max(1)),
             caps,
             structured: self.info.structured_replies,
+            // Requests go upstream with compact headers: 32-bit lengths.
+            extended: false,
             block_status: self.info.base_allocation.is_some(),
         }
     }

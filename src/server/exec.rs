@@ -7,10 +7,8 @@ use super::validate::{Op, Refusal};
 use super::zerocopy::ZERO_COPY_MIN;
 use crate::export::{self, Export};
 use crate::proto::consts::{STATE_HOLE, STATE_ZERO};
-use crate::proto::reply::{
-    block_status_chunk, error_chunk, none_chunk, offset_data_header, offset_hole_chunk,
-};
-use crate::proto::{NbdErrno, Request, SimpleReply};
+use crate::proto::reply::{Framing, Replies};
+use crate::proto::{NbdErrno, Request};
 use crate::server::handshake::{BASE_ALLOCATION_ID, MAX_PAYLOAD};
 use crate::storage::Extent;
 use std::io;
@@ -54,32 +52,40 @@ impl Session {
         Ok(())
     }
 
-    fn reply_ok(&self, w: &mut Worker, cookie: u64) -> io::Result<()> {
-        self.ensure_room(w, 16)?;
-        w.out.push(&SimpleReply::ok(cookie).encode());
+    /// The replies to `req`, framed as agreed.
+    pub(super) fn replies(&self, req: &Request) -> Replies {
+        Replies::new(self.neg.framing, req.cookie, req.offset)
+    }
+
+    fn reply_ok(&self, w: &mut Worker, req: &Request) -> io::Result<()> {
+        let head = self.replies(req).ok();
+        self.ensure_room(w, head.len())?;
+        w.out.push(&head);
         Ok(())
     }
 
-    fn reply_err(&self, w: &mut Worker, cookie: u64, errno: NbdErrno, msg: &str) -> io::Result<()> {
+    fn reply_err(
+        &self,
+        w: &mut Worker,
+        req: &Request,
+        errno: NbdErrno,
+        msg: &str,
+    ) -> io::Result<()> {
         self.metrics.error(errno);
         self.ensure_room(w, ERROR_ROOM)?;
-        if self.neg.structured {
-            w.out.push(&error_chunk(cookie, errno, msg));
-        } else {
-            w.out.push(&SimpleReply::err(cookie, errno).encode());
-        }
+        w.out.push(&self.replies(req).error(errno, msg));
         Ok(())
     }
 
-    fn reply(&self, w: &mut Worker, cookie: u64, r: Result<(), export::Error>) -> io::Result<()> {
+    fn reply(&self, w: &mut Worker, req: &Request, r: Result<(), export::Error>) -> io::Result<()> {
         match r {
-            Ok(()) => self.reply_ok(w, cookie),
+            Ok(()) => self.reply_ok(w, req),
             Err(e) => {
                 let n = errno(&e);
                 if matches!(e, export::Error::Io(_)) {
                     warn!("{}: request failed: {e}", self.name);
                 }
-                self.reply_err(w, cookie, n, &e.to_string())
+                self.reply_err(w, req, n, &e.to_string())
             }
         }
     }
@@ -100,12 +106,11 @@ impl Session {
         let ex: &Export = &self.export;
         for item in batch {
             let req = &item.req;
-            let cookie = req.cookie;
             let op = match item.op {
                 Ok(Op::Disc) => continue,
                 Ok(op) => op,
                 Err(Refusal { errno, msg }) => {
-                    self.reply_err(w, cookie, errno, msg)?;
+                    self.reply_err(w, req, errno, msg)?;
                     continue;
                 }
             };
@@ -127,16 +132,16 @@ impl Session {
             let _pass = match entered {
                 Ok(p) => p,
                 Err(e) => {
-                    self.reply(w, cookie, Err(e.into()))?;
+                    self.reply(w, req, Err(e.into()))?;
                     continue;
                 }
             };
-            let (off, len) = (req.offset, req.length as u64);
+            let (off, len) = (req.offset, req.length);
             let started = Instant::now();
             match op {
-                Op::Read { .. } if req.is_entrust() && !self.neg.structured => {
+                Op::Read { .. } if req.is_entrust() && !self.neg.structured() => {
                     self.entrusted();
-                    self.reply_ok(w, cookie)?;
+                    self.reply_ok(w, req)?;
                 }
                 Op::Read { df } => self.read(w, req, df)?,
                 Op::Write { fua } => {
@@ -147,24 +152,24 @@ impl Session {
                     if r.is_ok() {
                         self.covered(off, len);
                     }
-                    self.reply(w, cookie, r)?;
+                    self.reply(w, req, r)?;
                 }
-                Op::Flush => self.reply(w, cookie, ex.flush())?,
+                Op::Flush => self.reply(w, req, ex.flush())?,
                 Op::Trim { fua } => {
                     let r = ex.trim(off, len, fua);
                     if r.is_ok() {
                         self.covered(off, len);
                     }
-                    self.reply(w, cookie, r)?;
+                    self.reply(w, req, r)?;
                 }
                 Op::Zero { no_hole, fast, fua } => {
                     let r = ex.write_zeroes(off, len, no_hole, fast, fua);
                     if r.is_ok() {
                         self.covered(off, len);
                     }
-                    self.reply(w, cookie, r)?;
+                    self.reply(w, req, r)?;
                 }
-                Op::Cache => self.reply(w, cookie, ex.cache(off, len))?,
+                Op::Cache => self.reply(w, req, ex.cache(off, len))?,
                 Op::BlockStatus { one } => self.block_status(w, req, one)?,
                 Op::Disc => {}
             }
@@ -182,22 +187,30 @@ impl Session {
 
     fn block_status(&self, w: &mut Worker, req: &Request, one: bool) -> io::Result<()> {
         let max = if one { 1 } else { MAX_EXTENTS };
-        let ext = match self.export.extents(req.offset, req.length as u64, max) {
+        let ext = match self.export.extents(req.offset, req.length, max) {
             Ok(e) if !e.is_empty() => e,
             Ok(_) => vec![Extent {
-                len: req.length as u64,
+                len: req.length,
                 hole: false,
             }],
-            Err(e) => return self.reply(w, req.cookie, Err(e)),
+            Err(e) => return self.reply(w, req, Err(e)),
         };
-        let desc: Vec<(u32, u32)> = ext
+        // Compact descriptors hold 32-bit lengths: a longer extent (from a
+        // request over 4 GiB, extended headers only) is cut at 4 GiB - 4 KiB.
+        let most = match self.neg.framing {
+            Framing::Extended => u64::MAX,
+            _ => u32::MAX as u64 & !0xfff,
+        };
+        let desc: Vec<(u64, u32)> = ext
             .iter()
             .map(|e| {
                 let flags = if e.hole { STATE_HOLE | STATE_ZERO } else { 0 };
-                (e.len as u32, flags)
+                (e.len.min(most), flags)
             })
             .collect();
-        let chunk = block_status_chunk(req.cookie, BASE_ALLOCATION_ID, &desc, true);
+        let chunk = self
+            .replies(req)
+            .block_status(BASE_ALLOCATION_ID, &desc, true);
         if chunk.len() > OUT_CAP {
             w.out.send(&self.conn, &self.writer, self.send)?;
             let _g = self.writer.lock().unwrap_or_else(|p| p.into_inner());
@@ -218,11 +231,9 @@ impl Session {
 
     fn read(self: &Arc<Self>, w: &mut Worker, req: &Request, df: bool) -> io::Result<()> {
         let len = req.length as usize;
-        let structured = self.neg.structured;
+        let structured = self.neg.structured();
         if structured && len == 0 {
-            self.ensure_room(w, 20)?;
-            w.out.push(&none_chunk(req.cookie));
-            return Ok(());
+            return self.reply_ok(w, req);
         }
         if structured && !df && len >= HOLE_READ_MIN {
             // Chunks on the real data/hole boundaries.
@@ -251,7 +262,8 @@ impl Session {
         if len >= ZERO_COPY_MIN || len > MAX_BUFFERED_READ {
             return self.read_zero_copy(w, req);
         }
-        let hdr = if structured { 28 } else { 16 };
+        let head = self.replies(req).data(req.offset, len as u32, true);
+        let hdr = head.len();
         self.ensure_room(w, hdr + len)?;
         let mark = w.out.mark();
         let slot = w.out.claim(hdr + len);
@@ -260,26 +272,21 @@ impl Session {
         self.timed(started);
         match r {
             Ok(()) => {
-                if structured {
-                    slot[..hdr].copy_from_slice(&offset_data_header(
-                        req.cookie, req.offset, len as u32, true,
-                    ));
-                } else {
-                    slot[..hdr].copy_from_slice(&SimpleReply::ok(req.cookie).encode());
-                }
+                slot[..hdr].copy_from_slice(&head);
                 Ok(())
             }
             Err(e) => {
                 w.out.truncate(mark);
-                self.reply(w, req.cookie, Err(e))
+                self.reply(w, req, Err(e))
             }
         }
     }
 
     /// A structured read as hole and data chunks following the extents.
     fn read_sparse(&self, w: &mut Worker, req: &Request, ext: &[Extent]) -> io::Result<()> {
-        let len = req.length as u64;
-        self.ensure_room(w, len as usize + 32 * (ext.len() + 1))?;
+        let len = req.length;
+        let r = self.replies(req);
+        self.ensure_room(w, len as usize + 48 * (ext.len() + 1))?;
         let mark = w.out.mark();
         let mut pos = req.offset;
         let end = req.offset + len;
@@ -293,15 +300,15 @@ impl Session {
             let elen = e.len.min(end - pos);
             let last = pos + elen == end;
             if e.hole {
-                w.out
-                    .push(&offset_hole_chunk(req.cookie, pos, elen as u32, last));
+                w.out.push(&r.hole(pos, elen as u32, last));
             } else {
-                let slot = w.out.claim(28 + elen as usize);
-                if let Err(err) = self.export.read(&mut slot[28..], pos) {
+                let head = r.data(pos, elen as u32, last);
+                let slot = w.out.claim(head.len() + elen as usize);
+                if let Err(err) = self.export.read(&mut slot[head.len()..], pos) {
                     w.out.truncate(mark);
-                    return self.reply(w, req.cookie, Err(err));
+                    return self.reply(w, req, Err(err));
                 }
-                slot[..28].copy_from_slice(&offset_data_header(req.cookie, pos, elen as u32, last));
+                slot[..head.len()].copy_from_slice(&head);
             }
             pos += elen;
             if last {
@@ -317,13 +324,14 @@ impl Session {
     fn stream_read(&self, w: &mut Worker, req: &Request, map: &[Extent]) -> io::Result<()> {
         w.out.send(&self.conn, &self.writer, self.send)?;
         let _g = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let r = self.replies(req);
         let mut pos = req.offset;
         for e in map {
             if e.hole {
                 let mut left = e.len;
                 while left > 0 {
                     let n = left.min(u32::MAX as u64 & !0xfff);
-                    self.send_all(&offset_hole_chunk(req.cookie, pos, n as u32, false))?;
+                    self.send_all(&r.hole(pos, n as u32, false))?;
                     pos += n;
                     left -= n;
                 }
@@ -332,15 +340,15 @@ impl Session {
             let end = pos + e.len;
             while pos < end {
                 let n = (end - pos).min(MAX_PAYLOAD as u64);
-                self.send_header(&offset_data_header(req.cookie, pos, n as u32, false))?;
+                self.send_header(&r.data(pos, n as u32, false))?;
                 if let Err(err) = self.splice(pos, n as usize)? {
                     self.metrics.error(errno(&err));
-                    return self.send_all(&error_chunk(req.cookie, errno(&err), &err.to_string()));
+                    return self.send_all(&r.error(errno(&err), &err.to_string()));
                 }
                 pos += n;
             }
         }
-        self.send_all(&none_chunk(req.cookie))
+        self.send_all(&r.ok())
     }
 
     /// A write too large to gather, executed while its payload streams in.
@@ -364,7 +372,7 @@ impl Session {
             .as_ref()
             .map(|_| ())
             .map_err(|_| export::Error::Shutdown);
-        let end = req.offset + req.length as u64;
+        let end = req.offset + req.length;
         let mut pos = req.offset;
         while pos < end {
             let n = ((end - pos) as usize).min(PAYLOAD_CAP);
@@ -378,11 +386,11 @@ impl Session {
         }
         drop(pass);
         if result.is_ok() {
-            self.covered(req.offset, req.length as u64);
+            self.covered(req.offset, req.length);
         }
-        let r = self.reply(w, req.cookie, result);
+        let r = self.reply(w, req, result);
         self.metrics
-            .request(req.command, req.length as u64, started.elapsed());
+            .request(req.command, req.length, started.elapsed());
         r
     }
 }

@@ -8,6 +8,7 @@ use crate::proto::handshake::{
     oldstyle_greeting, option_reply, rep_meta_context, rep_server, valid_string, InfoRequest,
     MetaContextRequest,
 };
+use crate::proto::reply::Framing;
 use crate::proto::{ClientFlags, OptionHeader, ProtoError};
 use crate::stream::Stream;
 use crate::tls::{ServerTls, TlsError, TlsMode};
@@ -58,6 +59,8 @@ pub struct ExportInfo {
     pub caps: u16,
     /// Structured replies can be offered.
     pub structured: bool,
+    /// Extended headers (64-bit lengths) can be offered (needs `structured`).
+    pub extended: bool,
     /// The `base:allocation` meta context can be offered (needs `structured`).
     pub block_status: bool,
 }
@@ -72,6 +75,7 @@ impl ExportInfo {
             min_block,
             caps: LOCAL_CAPS,
             structured: true,
+            extended: true,
             block_status: true,
         }
     }
@@ -80,7 +84,8 @@ impl ExportInfo {
 /// What was agreed for the transmission phase.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Negotiated {
-    pub structured: bool,
+    /// Simple replies, structured ones, or extended headers.
+    pub framing: Framing,
     pub base_allocation: bool,
     pub flags: u16,
 }
@@ -118,8 +123,20 @@ impl From<io::Error> for HandshakeError {
     }
 }
 
-/// Transmission flags for this export, given whether structured replies are on.
-pub fn transmission_flags(info: &ExportInfo, structured: bool) -> u16 {
+impl Negotiated {
+    /// Structured replies (compact or extended) are on.
+    pub fn structured(&self) -> bool {
+        self.framing.structured()
+    }
+
+    /// Extended headers are on.
+    pub fn extended(&self) -> bool {
+        self.framing == Framing::Extended
+    }
+}
+
+/// Transmission flags for this export, given the framing agreed.
+pub fn transmission_flags(info: &ExportInfo, framing: Framing) -> u16 {
     let caps = info.caps;
     let mut f = FLAG_HAS_FLAGS
         | (caps & (FLAG_SEND_FLUSH | FLAG_SEND_FUA | FLAG_CAN_MULTI_CONN | FLAG_SEND_CACHE));
@@ -128,8 +145,11 @@ pub fn transmission_flags(info: &ExportInfo, structured: bool) -> u16 {
     } else {
         f |= caps & (FLAG_SEND_TRIM | FLAG_SEND_WRITE_ZEROES | FLAG_SEND_FAST_ZERO);
     }
-    if structured {
+    if framing.structured() {
         f |= caps & FLAG_SEND_DF;
+    }
+    if framing == Framing::Extended && info.block_status {
+        f |= FLAG_BLOCK_STATUS_PAYLOAD;
     }
     f
 }
@@ -148,10 +168,10 @@ pub fn negotiate(
     let d = Deadline::new(conn, at);
     let mut c = &d;
     if info.oldstyle {
-        let flags = transmission_flags(info, false);
+        let flags = transmission_flags(info, Framing::Simple);
         c.write_all(&oldstyle_greeting(info.size, flags as u32))?;
         return Ok(Negotiated {
-            structured: false,
+            framing: Framing::Simple,
             base_allocation: false,
             flags,
         });
@@ -173,7 +193,7 @@ pub fn negotiate(
         tls_up: false,
         tls_refused: false,
         cflags,
-        structured: false,
+        framing: Framing::Simple,
         base_allocation: false,
         meta_export: None,
     };
@@ -191,7 +211,7 @@ struct Haggle<'a> {
     /// An option was refused with ERR_TLS_REQD.
     tls_refused: bool,
     cflags: ClientFlags,
-    structured: bool,
+    framing: Framing,
     base_allocation: bool,
     /// The export name the selected meta contexts were chosen for.
     meta_export: Option<String>,
@@ -240,7 +260,7 @@ impl Haggle<'_> {
         let plain = self.conn.try_clone()?;
         *self.conn = tls.accept(plain, self.at).map_err(HandshakeError::Tls)?;
         self.tls_up = true;
-        self.structured = false;
+        self.framing = Framing::Simple;
         self.base_allocation = false;
         self.meta_export = None;
         Ok(())
@@ -266,9 +286,9 @@ impl Haggle<'_> {
     /// for another export name do not carry over.
     fn negotiated(&self, name: &str) -> Negotiated {
         Negotiated {
-            structured: self.structured,
+            framing: self.framing,
             base_allocation: self.base_allocation && self.meta_export.as_deref() == Some(name),
-            flags: transmission_flags(self.info, self.structured),
+            flags: transmission_flags(self.info, self.framing),
         }
     }
 
@@ -337,6 +357,12 @@ impl Haggle<'_> {
     fn option(&mut self, opt: u32, data: &[u8]) -> Result<Option<Negotiated>, HandshakeError> {
         match opt {
             OPT_EXPORT_NAME => {
+                // It cannot say which headers follow: not after extended ones.
+                if self.framing == Framing::Extended {
+                    return Err(HandshakeError::Refused(
+                        "NBD_OPT_EXPORT_NAME after extended headers were agreed",
+                    ));
+                }
                 let Some(name) = valid_string(data) else {
                     return Err(HandshakeError::Refused("bad export name"));
                 };
@@ -384,8 +410,32 @@ impl Haggle<'_> {
                         REP_ERR_INVALID,
                         "NBD_OPT_STRUCTURED_REPLY takes no data",
                     )?;
+                } else if self.framing == Framing::Extended {
+                    self.error(
+                        opt,
+                        REP_ERR_EXT_HEADER_REQD,
+                        "extended headers were already agreed",
+                    )?;
                 } else {
-                    self.structured = true;
+                    self.framing = Framing::Structured;
+                    self.reply(opt, REP_ACK, &[])?;
+                }
+                Ok(None)
+            }
+            OPT_EXTENDED_HEADERS => {
+                if !(self.info.structured && self.info.extended) {
+                    self.error(opt, REP_ERR_UNSUP, "extended headers are not available")?;
+                } else if !data.is_empty() {
+                    self.error(
+                        opt,
+                        REP_ERR_INVALID,
+                        "NBD_OPT_EXTENDED_HEADERS takes no data",
+                    )?;
+                } else if self.framing == Framing::Extended {
+                    self.error(opt, REP_ERR_INVALID, "extended headers were already agreed")?;
+                } else {
+                    // They include structured replies; contexts chosen stay.
+                    self.framing = Framing::Extended;
                     self.reply(opt, REP_ACK, &[])?;
                 }
                 Ok(None)
@@ -444,7 +494,7 @@ impl Haggle<'_> {
             self.base_allocation = false;
             self.meta_export = None;
         }
-        if !self.structured {
+        if !self.framing.structured() {
             return self.error(
                 opt,
                 REP_ERR_INVALID,

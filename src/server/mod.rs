@@ -495,6 +495,9 @@ impl Server {
         let _ = conn.set_read_timeout(None);
         let _ = conn.set_write_timeout(Some(limit.slice()));
         debug!("{name}: negotiated {neg:?}");
+        if neg.extended() {
+            info!("{name}: extended headers (64-bit lengths)");
+        }
         if let Some(t) = &sender {
             t.request_arrived();
         }

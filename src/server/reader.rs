@@ -1,6 +1,6 @@
 //! Buffered reading of requests and payloads from a client connection.
 
-use crate::proto::consts::REQUEST_LEN;
+use crate::proto::consts::{EXTENDED_REQUEST_LEN, REQUEST_LEN};
 use crate::proto::{ProtoError, Request};
 use crate::stream::Stream;
 use std::io::{self, Read};
@@ -62,6 +62,8 @@ pub struct Reader {
     end: usize,
     /// Reads fail with [`ReadError::Idle`] past this instant.
     deadline: Option<Instant>,
+    /// Requests come with extended (32-byte) headers.
+    extended: bool,
 }
 
 impl Reader {
@@ -72,6 +74,20 @@ impl Reader {
             start: 0,
             end: 0,
             deadline: None,
+            extended: false,
+        }
+    }
+
+    /// Requests come with extended headers from now on (as agreed).
+    pub fn set_extended(&mut self, extended: bool) {
+        self.extended = extended;
+    }
+
+    /// Bytes of a request header on this connection.
+    pub fn header_len(&self) -> usize {
+        match self.extended {
+            true => EXTENDED_REQUEST_LEN,
+            false => REQUEST_LEN,
         }
     }
 
@@ -113,7 +129,7 @@ impl Reader {
     /// one arrives; without, returns `None` unless a whole header is buffered.
     pub fn peek(&mut self, wait: bool) -> Result<Option<Request>, ReadError> {
         loop {
-            if let Some((req, _)) = Request::decode(self.buffered())? {
+            if let Some((req, _)) = Request::decode(self.buffered(), self.extended)? {
                 return Ok(Some(req));
             }
             if !wait {
@@ -127,7 +143,7 @@ impl Reader {
     /// bad magic, when a whole header is buffered).
     pub fn raw_cookie(&self) -> Option<u64> {
         let b = self.buffered();
-        (b.len() >= REQUEST_LEN).then(|| {
+        (b.len() >= 16).then(|| {
             let mut c = [0u8; 8];
             c.copy_from_slice(&b[8..16]);
             u64::from_be_bytes(c)
@@ -136,7 +152,7 @@ impl Reader {
 
     /// Consumes the header returned by the last `peek`.
     pub fn consume_header(&mut self) {
-        self.start += REQUEST_LEN;
+        self.start += self.header_len();
     }
 
     /// How many bytes are buffered past the current position.

@@ -8,9 +8,12 @@ use super::handshake::Negotiated;
 use super::intake::SenderTrack;
 use super::out::{Out, OUT_CAP};
 use super::reader::{ReadError, Reader};
-use super::validate::{validate, Op, Refusal};
+use super::validate::{
+    block_status_payload, validate, Op, Refusal, MAX_BLOCK_STATUS_PAYLOAD, MAX_REQUEST,
+};
 use crate::export::Export;
-use crate::proto::Request;
+use crate::proto::consts::CMD_FLAG_PAYLOAD_LEN;
+use crate::proto::{Command, ProtoError, Request};
 use crate::stream::Stream;
 use std::io;
 use std::net::Shutdown;
@@ -93,7 +96,8 @@ impl Session {
         send: SendLimit,
         metrics: Arc<crate::metrics::Metrics>,
     ) -> io::Result<Arc<Session>> {
-        let reader = Reader::new(conn.try_clone()?);
+        let mut reader = Reader::new(conn.try_clone()?);
+        reader.set_extended(neg.extended());
         Ok(Arc::new(Session {
             export,
             conn,
@@ -341,7 +345,48 @@ impl Session {
                     break;
                 }
             };
-            let op = validate(&req, &self.neg, self.export.size(), self.export.read_only());
+            let (req, op) = match self.neg.extended() && req.flags & CMD_FLAG_PAYLOAD_LEN != 0 {
+                // BLOCK_STATUS naming its contexts: the payload is read
+                // here and the request goes on as the range it names.
+                true if req.command == Command::BlockStatus => {
+                    if req.length > MAX_BLOCK_STATUS_PAYLOAD {
+                        let _ = self.bad_request_reply(w, req.cookie);
+                        self.read_failed(ReadError::Proto(ProtoError::TooLong {
+                            what: "BLOCK_STATUS payload",
+                            len: req.length,
+                            max: MAX_BLOCK_STATUS_PAYLOAD,
+                        }));
+                        break;
+                    }
+                    rd.consume_header();
+                    let mut p = vec![0u8; req.length as usize];
+                    if let Err(e) = rd.read_exact(&mut p) {
+                        self.read_failed(e);
+                        break;
+                    }
+                    let op = block_status_payload(&req, &p).and_then(|r| {
+                        validate(&r, &self.neg, self.export.size(), self.export.read_only())
+                            .map(|op| (r, op))
+                    });
+                    match op {
+                        Ok((r, op)) => w.batch.push(Item {
+                            req: r,
+                            op: Ok(op),
+                            at: 0,
+                        }),
+                        Err(e) => w.batch.push(Item {
+                            req,
+                            op: Err(e),
+                            at: 0,
+                        }),
+                    }
+                    continue;
+                }
+                _ => (
+                    req,
+                    validate(&req, &self.neg, self.export.size(), self.export.read_only()),
+                ),
+            };
             let len = req.length as usize;
             match op {
                 Ok(Op::Write { .. }) if len > PAYLOAD_CAP => {
@@ -352,7 +397,7 @@ impl Session {
                     return self.stream_write(rd, w, &req);
                 }
                 Ok(Op::Write { .. }) => {
-                    let buffered = rd.buffered_len() >= crate::proto::consts::REQUEST_LEN + len;
+                    let buffered = rd.buffered_len() >= rd.header_len() + len;
                     if !first && (!buffered || payload_used + len > PAYLOAD_CAP) {
                         break;
                     }
@@ -379,8 +424,19 @@ impl Session {
                     }
                     payload_used += len;
                 }
-                Err(_) if req.payload_len() > 0 => {
-                    if let Err(e) = rd.skip(req.payload_len()) {
+                Err(_) if self.neg.extended() && req.payload_len(true) > MAX_REQUEST => {
+                    // A 64-bit payload length: far too much to read and
+                    // drop (a 32-bit one is drained): answer, then close.
+                    w.batch.push(Item { req, op, at });
+                    self.read_failed(ReadError::Proto(ProtoError::TooLong {
+                        what: "request payload",
+                        len: req.length,
+                        max: MAX_REQUEST,
+                    }));
+                    break;
+                }
+                Err(_) if req.payload_len(self.neg.extended()) > 0 => {
+                    if let Err(e) = rd.skip(req.payload_len(self.neg.extended())) {
                         self.read_failed(e);
                         break;
                     }
@@ -397,9 +453,10 @@ impl Session {
     }
 
     fn bad_request_reply(&self, w: &mut Worker, cookie: u64) -> io::Result<()> {
-        use crate::proto::{NbdErrno, SimpleReply};
-        w.out
-            .push(&SimpleReply::err(cookie, NbdErrno::Inval).encode());
+        use crate::proto::reply::Replies;
+        use crate::proto::NbdErrno;
+        let r = Replies::new(self.neg.framing, cookie, 0);
+        w.out.push(&r.error(NbdErrno::Inval, "malformed request"));
         w.out.send(&self.conn, &self.writer, self.send)
     }
 

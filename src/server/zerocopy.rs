@@ -6,8 +6,7 @@ use super::exec::errno;
 use super::out::MAX_BUFFERED_READ;
 use super::session::{Session, Worker};
 use crate::export;
-use crate::proto::reply::{error_chunk, none_chunk, offset_data_header};
-use crate::proto::{Request, SimpleReply};
+use crate::proto::Request;
 use crate::sys;
 use std::io;
 use std::time::Instant;
@@ -101,17 +100,16 @@ impl Session {
         let len = req.length as usize;
         w.out.send(&self.conn, &self.writer, self.send)?;
         let _g = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        if self.neg.structured {
+        let r = self.replies(req);
+        if self.neg.structured() {
             // Not final: a read error can still show up while the data goes out.
-            self.send_header(&offset_data_header(
-                req.cookie, req.offset, len as u32, false,
-            ))?;
+            self.send_header(&r.data(req.offset, len as u32, false))?;
             match self.splice(req.offset, len)? {
-                Ok(()) => self.send_all(&none_chunk(req.cookie)),
-                Err(e) => self.send_all(&error_chunk(req.cookie, errno(&e), &e.to_string())),
+                Ok(()) => self.send_all(&r.ok()),
+                Err(e) => self.send_all(&r.error(errno(&e), &e.to_string())),
             }
         } else {
-            self.send_header(&SimpleReply::ok(req.cookie).encode())?;
+            self.send_header(&r.ok())?;
             match self.splice(req.offset, len)? {
                 Ok(()) => Ok(()),
                 // The reply already promised the data: only a hard disconnect is left.
