@@ -654,3 +654,36 @@ fn mirror_into_nbdkit_without_extended_headers() {
     let _k = peer(&nbdkit, &args, port);
     mirror_into_peer(port, &dst, dir.path());
 }
+
+/// Hostile 64-bit fields: ranges that wrap around, the largest lengths,
+/// and a block status payload too long to read. Each gets its error (or a
+/// close), nothing is written, and the server serves on.
+#[test]
+fn hostile_64_bit_lengths() {
+    let dir = tempdir();
+    let data = random_bytes(31, 1 << 20);
+    let img = sparse_image(dir.path(), 16 * MIB, &[(0, &data)]);
+    let before = read_file(&img);
+    let mut srv = Serve::tcp(&img).start();
+    let (mut r, _, _) = extended(srv.addr());
+    let cases: [(u16, u64, u64, u32); 6] = [
+        (CMD_WRITE_ZEROES, 4096, u64::MAX, ENOSPC),
+        (CMD_TRIM, u64::MAX, 2, EINVAL),
+        (CMD_BLOCK_STATUS, 1, u64::MAX, EINVAL),
+        (CMD_CACHE, 16 * MIB, 1, EINVAL),
+        (CMD_READ, 0, u64::MAX, EINVAL),
+        (CMD_WRITE_ZEROES, u64::MAX - 4095, 4096, ENOSPC),
+    ];
+    for (i, &(cmd, off, len, want)) in cases.iter().enumerate() {
+        r.ext(cmd, 0, i as u64, off, len);
+        assert_eq!(r.failed(i as u64), want, "command {cmd} at {off} for {len}");
+    }
+    r.ext(CMD_FLUSH, 0, 99, 0, 0);
+    r.ok(99, 0);
+    // A block status payload of a terabyte: an error chunk, then a close.
+    r.ext(CMD_BLOCK_STATUS, CMD_FLAG_PAYLOAD_LEN, 100, 0, TIB);
+    assert_eq!(r.failed(100), EINVAL);
+    r.expect_closed();
+    srv.assert_alive();
+    assert_bytes_eq(&read_file(&img), &before, "image");
+}
