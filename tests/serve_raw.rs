@@ -540,8 +540,8 @@ fn client_leaving_in_the_middle_of_a_payload_harms_nothing_else() {
     a.send(&vec![0xee; 6 << 20]);
     // A small (gathered) write cut off half-way.
     let mut c = Raw::simple(s.srv.addr());
-    c.send(&request(CMD_WRITE, 0, 1, 40 * MIB, 1 << 20));
-    c.send(&vec![0xdd; 512 << 10]);
+    c.send(&request(CMD_WRITE, 0, 1, 40 * MIB, 256 << 10));
+    c.send(&vec![0xdd; 128 << 10]);
     a.shutdown();
     c.shutdown();
     drop((a, c));

@@ -7,25 +7,38 @@ use std::sync::Mutex;
 
 /// Capacity of a worker's reply buffer.
 pub const OUT_CAP: usize = 1 << 20;
+/// Bytes of buffer kept between batches; a batch that needed more gives the
+/// rest back once sent, so an idle connection holds little memory.
+const KEEP: usize = 256 << 10;
 /// Largest read answered from the reply buffer in one piece; longer reads are streamed.
 pub const MAX_BUFFERED_READ: usize = OUT_CAP - 64 * 1024;
 
-/// A reusable, already-initialised buffer (no zero-filling per reply).
+/// A reusable buffer of up to [`OUT_CAP`] bytes, grown as replies need it
+/// and initialised once (no zero-filling per reply).
 pub struct Out {
-    buf: Box<[u8]>,
+    buf: Vec<u8>,
     used: usize,
 }
 
 impl Out {
     pub fn new() -> Out {
         Out {
-            buf: vec![0u8; OUT_CAP].into_boxed_slice(),
+            buf: Vec::new(),
             used: 0,
         }
     }
 
     pub fn room(&self) -> usize {
-        self.buf.len() - self.used
+        OUT_CAP - self.used
+    }
+
+    /// Makes the first `n` bytes past `used` addressable.
+    fn grow(&mut self, n: usize) {
+        let want = self.used + n;
+        if self.buf.len() < want {
+            self.buf
+                .resize(want.next_power_of_two().clamp(4096, OUT_CAP.max(want)), 0);
+        }
     }
 
     /// Position to roll back to with [`truncate`](Self::truncate).
@@ -39,12 +52,14 @@ impl Out {
 
     /// Appends bytes; the caller has checked [`room`](Self::room).
     pub fn push(&mut self, b: &[u8]) {
+        self.grow(b.len());
         self.buf[self.used..self.used + b.len()].copy_from_slice(b);
         self.used += b.len();
     }
 
     /// Claims `n` bytes to be filled in place.
     pub fn claim(&mut self, n: usize) -> &mut [u8] {
+        self.grow(n);
         let s = self.used;
         self.used += n;
         &mut self.buf[s..s + n]
@@ -59,6 +74,10 @@ impl Out {
         let _g = writer.lock().unwrap_or_else(|p| p.into_inner());
         let r = conn.send_all(&self.buf[..self.used], limit.deadline());
         self.used = 0;
+        if self.buf.len() > KEEP {
+            self.buf.truncate(KEEP);
+            self.buf.shrink_to_fit();
+        }
         r
     }
 }

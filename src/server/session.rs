@@ -30,8 +30,14 @@ const WORKER_IDLE: Duration = Duration::from_secs(2);
 const MAX_BATCH: usize = 32;
 /// A request taking longer than this reveals slow storage.
 pub(super) const SLOW_REQUEST: Duration = Duration::from_micros(500);
-/// Write payload gathered per batch; larger writes are streamed.
-pub(super) const PAYLOAD_CAP: usize = 4 << 20;
+/// Write payload gathered per batch; larger writes are streamed in pieces
+/// of this size (memory per connection stays small with many of them).
+pub(super) const PAYLOAD_CAP: usize = 256 << 10;
+/// Workers beyond the first of each connection, over all connections: with
+/// many connections, they are the parallelism, and each worker's buffers
+/// cost memory.
+const MAX_EXTRA_WORKERS: usize = 8;
+static EXTRA_WORKERS: AtomicUsize = AtomicUsize::new(0);
 
 /// How a session ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -192,6 +198,16 @@ impl Session {
             payload: Vec::new(),
             batch: Vec::with_capacity(MAX_BATCH),
         };
+        // An extra worker gives its place in the budget back when it ends.
+        struct Extra(bool);
+        impl Drop for Extra {
+            fn drop(&mut self) {
+                if self.0 {
+                    EXTRA_WORKERS.fetch_sub(1, SeqCst);
+                }
+            }
+        }
+        let _extra = Extra(extra);
         while !self.stopped() {
             match self.turn(&mut w, extra) {
                 Ok(true) => {}
@@ -283,6 +299,11 @@ impl Session {
         if self.stopped() || self.workers.load(SeqCst) >= self.allowed.load(SeqCst) {
             return;
         }
+        let budget = EXTRA_WORKERS
+            .fetch_update(SeqCst, SeqCst, |n| (n < MAX_EXTRA_WORKERS).then_some(n + 1));
+        if budget.is_err() {
+            return;
+        }
         // Workers that retired are done: forget them.
         hs.retain(|h| !h.is_finished());
         let me = self.clone();
@@ -293,6 +314,7 @@ impl Session {
         {
             Ok(h) => hs.push(h),
             Err(e) => {
+                EXTRA_WORKERS.fetch_sub(1, SeqCst);
                 self.workers.fetch_sub(1, SeqCst);
                 warn!("cannot start a worker thread: {e}");
             }
