@@ -31,6 +31,7 @@ pub use pipeline::{Body, Completion, Receiver, Sender};
 pub use transport::{Cancel, ShutdownHandle};
 
 use crate::proto::consts::*;
+use crate::proto::reply::Head;
 use crate::proto::{Command, NbdErrno, Request};
 use std::io;
 use std::net::IpAddr;
@@ -229,41 +230,21 @@ impl ExportInfo {
 
     /// `req`'s header as this connection frames requests: compact, or
     /// extended (where a WRITE says its payload length, `PAYLOAD_LEN`).
-    pub(crate) fn header(&self, req: &Request) -> RequestHead {
-        let mut head = RequestHead {
-            buf: [0; EXTENDED_REQUEST_LEN],
-            len: REQUEST_LEN,
-        };
-        if self.extended_headers {
-            let mut r = *req;
-            if r.command == Command::Write {
-                r.flags |= CMD_FLAG_PAYLOAD_LEN;
-            }
-            head.buf = r.encode_extended();
-            head.len = EXTENDED_REQUEST_LEN;
-        } else {
-            head.buf[..REQUEST_LEN].copy_from_slice(&req.encode());
+    pub(crate) fn header(&self, req: &Request) -> Head {
+        if !self.extended_headers {
+            return Head::of(&req.encode());
         }
-        head
+        let mut r = *req;
+        if r.command == Command::Write {
+            r.flags |= CMD_FLAG_PAYLOAD_LEN;
+        }
+        Head::of(&r.encode_extended())
     }
 
     /// Checks that `len` bytes at `offset` form a valid request range here
     /// (32-bit lengths without extended headers).
     fn check_range(&self, offset: u64, len: u64) -> Result<u64, ClientError> {
         check_range(offset, len, self.extended_headers)
-    }
-}
-
-/// A request header built on the stack.
-pub(crate) struct RequestHead {
-    buf: [u8; EXTENDED_REQUEST_LEN],
-    len: usize,
-}
-
-impl std::ops::Deref for RequestHead {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        &self.buf[..self.len]
     }
 }
 

@@ -121,11 +121,24 @@ impl Framing {
 /// OFFSET_HOLE payload.
 const MAX_HEAD: usize = EXTENDED_REPLY_LEN + 12;
 
-/// A reply header (and a fixed-size payload start), built on the stack.
+/// A message header (a reply's, with a fixed-size payload start, or a
+/// request's), built on the stack.
 #[derive(Clone, Copy)]
 pub struct Head {
     buf: [u8; MAX_HEAD],
     len: usize,
+}
+
+impl Head {
+    /// A header holding `b` (at most 44 bytes).
+    pub fn of(b: &[u8]) -> Head {
+        let mut head = Head {
+            buf: [0; MAX_HEAD],
+            len: b.len(),
+        };
+        head.buf[..b.len()].copy_from_slice(b);
+        head
+    }
 }
 
 impl std::ops::Deref for Head {
