@@ -141,17 +141,18 @@ pub fn set_pipe_size(pipe: BorrowedFd<'_>, len: usize) -> io::Result<usize> {
 }
 
 /// `splice(2)` of up to `len` bytes from `from` to `to` (one of them a
-/// pipe), moving pages instead of copying where the kernel can. `more`:
-/// more data follows (`SPLICE_F_MORE`, as `MSG_MORE`).
+/// pipe), moving pages instead of copying where the kernel can. `nowait`:
+/// a full pipe (or an empty unix socket) fails with `WouldBlock` instead
+/// of waiting (`SPLICE_F_NONBLOCK`).
 pub fn splice(
     from: BorrowedFd<'_>,
     to: BorrowedFd<'_>,
     len: usize,
-    more: bool,
+    nowait: bool,
 ) -> io::Result<usize> {
     let mut flags = libc::SPLICE_F_MOVE;
-    if more {
-        flags |= libc::SPLICE_F_MORE;
+    if nowait {
+        flags |= libc::SPLICE_F_NONBLOCK;
     }
     // SAFETY: null offsets (both ends are streams); both fds are valid for the borrow.
     let r = unsafe {
@@ -162,6 +163,58 @@ pub fn splice(
             std::ptr::null_mut(),
             len,
             flags,
+        )
+    };
+    cvt(r as libc::c_long).map(|n| n as usize)
+}
+
+/// Whether `fd` can be written to now without waiting (`poll(2)` for
+/// `POLLOUT`, no timeout): for a pipe, whether it has a free slot.
+pub fn writable_now(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    // SAFETY: one local pollfd, zero timeout.
+    let r = unsafe { libc::poll(&mut p, 1, 0) };
+    cvt(r as libc::c_long).map(|n| n > 0 && p.revents & libc::POLLOUT != 0)
+}
+
+/// Waits until `fd` has data to read (`poll(2)` for `POLLIN`), at most
+/// `timeout` (`None`: no limit); false when the time ran out.
+pub fn wait_readable(fd: BorrowedFd<'_>, timeout: Option<std::time::Duration>) -> io::Result<bool> {
+    let ms = timeout.map_or(-1, |t| {
+        libc::c_int::try_from(t.as_millis().max(1)).unwrap_or(libc::c_int::MAX)
+    });
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one local pollfd.
+    let r = unsafe { libc::poll(&mut p, 1, ms) };
+    cvt(r as libc::c_long).map(|n| n > 0)
+}
+
+/// Sets `O_NONBLOCK` on `fd` (writes to a full pipe fail with `WouldBlock`).
+pub fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: F_GETFL/F_SETFL take and return ints and touch no memory of ours.
+    let flags = cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) } as libc::c_long)?;
+    let flags = flags as libc::c_int | libc::O_NONBLOCK;
+    // SAFETY: as above.
+    cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags) } as libc::c_long).map(|_| ())
+}
+
+/// `send(2)` of `buf` to a socket (no `SIGPIPE`).
+pub fn send(sock: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is borrowed (and only read) for the duration of the call.
+    let r = unsafe {
+        libc::send(
+            sock.as_raw_fd(),
+            buf.as_ptr() as *const libc::c_void,
+            buf.len(),
+            libc::MSG_NOSIGNAL,
         )
     };
     cvt(r as libc::c_long).map(|n| n as usize)

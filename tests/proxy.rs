@@ -567,6 +567,41 @@ print(json.dumps(res))
     }
 }
 
+/// READs as large as the proxy's pipe (1 MiB where the pipe cannot grow
+/// beyond the system's limit, 32 MiB where it can), many in flight, over a
+/// TCP and a unix upstream: data arriving in more pieces than the pipe has
+/// slots waits in memory instead of stalling the connection, and every byte
+/// arrives.
+#[test]
+fn reads_as_large_as_the_pipe_stream_through() {
+    let dir = tempdir();
+    let file = dir.path().join("img");
+    create_random_file(&file, 96 * MIB, 6);
+    let want = md5_file(&file);
+    let copy = dir.path().join("copy");
+    std::fs::copy(&file, &copy).unwrap();
+    let up_sock = dir.path().join("up.nbd");
+    let tcp_up = Serve::tcp(&file).start();
+    let tcp = Serve::proxy(&tcp_up.conn_args()).start();
+    let unix_up = Serve::unix(&copy, &up_sock).start();
+    let unix = Serve::proxy(&unix_up.conn_args()).start();
+    for p in [&tcp, &unix] {
+        for size in ["1048576", "4194304", "33554432"] {
+            let out = dir.path().join("out");
+            run(
+                Command::new(require_tool("nbdcopy"))
+                    .args(["-C", "1", "--request-size", size])
+                    .arg(p.uri())
+                    .arg(&out),
+                TOOL_TIMEOUT,
+            )
+            .expect_success("nbdcopy through the proxy");
+            assert_eq!(md5_file(&out), want, "{size}-byte reads via {}", p.uri());
+            std::fs::remove_file(&out).unwrap();
+        }
+    }
+}
+
 fn md5_of(data: &[u8]) -> String {
     let dir = tempdir();
     let f = dir.path().join("d");

@@ -71,6 +71,15 @@ impl Stream {
         }
     }
 
+    /// The receive timeout set on the socket (`None` for TLS streams).
+    pub fn read_timeout(&self) -> Option<Duration> {
+        match self.socket() {
+            Stream::Tcp(s) => s.read_timeout().ok().flatten(),
+            Stream::Unix(s) => s.read_timeout().ok().flatten(),
+            Stream::Tls(_) | Stream::Ktls(_) => None,
+        }
+    }
+
     pub fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         match self.socket() {
             Stream::Tcp(s) => s.set_write_timeout(t),
