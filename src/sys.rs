@@ -184,11 +184,9 @@ pub fn writable_now(fd: BorrowedFd<'_>) -> io::Result<bool> {
 /// Waits until `fd` has data to read (`poll(2)` for `POLLIN`), at most
 /// `timeout` (`None`: no limit); false when the time ran out.
 pub fn wait_readable(fd: BorrowedFd<'_>, timeout: Option<std::time::Duration>) -> io::Result<bool> {
-    let ms = timeout.map_or(-1, |t| {
-        match t.is_zero() {
-            true => 0,
-            false => libc::c_int::try_from(t.as_millis().max(1)).unwrap_or(libc::c_int::MAX),
-        }
+    let ms = timeout.map_or(-1, |t| match t.is_zero() {
+        true => 0,
+        false => libc::c_int::try_from(t.as_millis().max(1)).unwrap_or(libc::c_int::MAX),
     });
     let mut p = libc::pollfd {
         fd: fd.as_raw_fd(),
