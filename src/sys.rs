@@ -109,13 +109,22 @@ pub fn sendfile(
 /// `send(2)` with `MSG_MORE`: more data follows at once, so a small header is
 /// not sent as a packet of its own.
 pub fn send_more(sock: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
+    send_flags(sock, buf, libc::MSG_MORE)
+}
+
+/// `send(2)` of `buf` to a socket (no `SIGPIPE`).
+pub fn send(sock: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
+    send_flags(sock, buf, 0)
+}
+
+fn send_flags(sock: BorrowedFd<'_>, buf: &[u8], flags: libc::c_int) -> io::Result<usize> {
     // SAFETY: `buf` is borrowed (and only read) for the duration of the call.
     let r = unsafe {
         libc::send(
             sock.as_raw_fd(),
             buf.as_ptr() as *const libc::c_void,
             buf.len(),
-            libc::MSG_MORE | libc::MSG_NOSIGNAL,
+            flags | libc::MSG_NOSIGNAL,
         )
     };
     cvt(r as libc::c_long).map(|n| n as usize)
@@ -205,20 +214,6 @@ pub fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
     let flags = flags as libc::c_int | libc::O_NONBLOCK;
     // SAFETY: as above.
     cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags) } as libc::c_long).map(|_| ())
-}
-
-/// `send(2)` of `buf` to a socket (no `SIGPIPE`).
-pub fn send(sock: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
-    // SAFETY: `buf` is borrowed (and only read) for the duration of the call.
-    let r = unsafe {
-        libc::send(
-            sock.as_raw_fd(),
-            buf.as_ptr() as *const libc::c_void,
-            buf.len(),
-            libc::MSG_NOSIGNAL,
-        )
-    };
-    cvt(r as libc::c_long).map(|n| n as usize)
 }
 
 /// An open-file-description lock on a byte range: shared or exclusive.
