@@ -2,7 +2,7 @@
 //! bookkeeping and the hook through which a migration sees every change.
 
 use crate::gate::Gate;
-use crate::storage::{Extent, OpenError, Storage, ZeroError, ZeroMode};
+use crate::storage::{Extent, Fetch, OpenError, Storage, ZeroError, ZeroMode};
 use std::io;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
@@ -149,6 +149,18 @@ impl Export {
     pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<(), Error> {
         self.check_read(offset, buf.len() as u64)?;
         Ok(self.storage.read_at(buf, offset)?)
+    }
+
+    /// As [`read`](Self::read), telling whether the data was in memory
+    /// ([`Storage::read_fetch`]).
+    pub fn read_fetch(&self, buf: &mut [u8], offset: u64) -> Result<Fetch, Error> {
+        self.check_read(offset, buf.len() as u64)?;
+        Ok(self.storage.read_fetch(buf, offset)?)
+    }
+
+    /// The image lives in memory (tmpfs and the like): no request waits for a device.
+    pub fn in_memory(&self) -> bool {
+        self.storage.in_memory()
     }
 
     /// Writes `data`; zero blocks landing on holes keep the holes. With `fua`

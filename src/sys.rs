@@ -75,15 +75,48 @@ pub fn pwrite_dsync(fd: BorrowedFd<'_>, buf: &[u8], offset: u64) -> io::Result<u
     cvt(r as libc::c_long).map(|n| n as usize)
 }
 
+/// `preadv2(2)` with `RWF_NOWAIT`: reads only what the page cache holds
+/// (`EAGAIN` when the first byte would have to come from the device;
+/// `EOPNOTSUPP` where the file system cannot tell, as on tmpfs).
+pub fn pread_nowait(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    let iov = libc::iovec {
+        iov_base: buf.as_mut_ptr() as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    // SAFETY: `iov` describes `buf`, which stays mutably borrowed for the
+    // duration of the call; the kernel writes at most `buf.len()` bytes.
+    let r = unsafe {
+        libc::preadv2(
+            fd.as_raw_fd(),
+            &iov,
+            1,
+            offset as libc::off_t,
+            libc::RWF_NOWAIT,
+        )
+    };
+    cvt(r as libc::c_long).map(|n| n as usize)
+}
+
 /// `posix_fadvise(POSIX_FADV_WILLNEED)`: start reading the range into the page cache.
 pub fn fadvise_willneed(fd: BorrowedFd<'_>, offset: u64, len: u64) -> io::Result<()> {
+    fadvise(fd, offset, len, libc::POSIX_FADV_WILLNEED)
+}
+
+/// `posix_fadvise(POSIX_FADV_DONTNEED)`: drop the range's clean pages from
+/// the page cache (tests use it to make reads go to the device).
+#[cfg(test)]
+pub fn fadvise_dontneed(fd: BorrowedFd<'_>, offset: u64, len: u64) -> io::Result<()> {
+    fadvise(fd, offset, len, libc::POSIX_FADV_DONTNEED)
+}
+
+fn fadvise(fd: BorrowedFd<'_>, offset: u64, len: u64, advice: libc::c_int) -> io::Result<()> {
     // SAFETY: integers only; the fd is valid for the borrow.
     let r = unsafe {
         libc::posix_fadvise64(
             fd.as_raw_fd(),
             offset as libc::off64_t,
             len as libc::off64_t,
-            libc::POSIX_FADV_WILLNEED,
+            advice,
         )
     };
     if r != 0 {
@@ -293,11 +326,28 @@ pub fn raise_nofile_limit() -> io::Result<u64> {
 /// Whether the file is on tmpfs, where `SEEK_HOLE` walks every page up to
 /// the next hole (and so costs time in proportion to the data before it).
 pub fn on_tmpfs(fd: BorrowedFd<'_>) -> bool {
+    fs_magic(fd) == Some(libc::TMPFS_MAGIC)
+}
+
+/// Whether the file lives in memory (tmpfs, ramfs, hugetlbfs): reading it
+/// never waits for a device.
+pub fn in_memory_fs(fd: BorrowedFd<'_>) -> bool {
+    matches!(
+        fs_magic(fd),
+        Some(libc::TMPFS_MAGIC | RAMFS_MAGIC | libc::HUGETLBFS_MAGIC)
+    )
+}
+
+/// ramfs's `f_type` (linux/magic.h; not in the libc crate).
+const RAMFS_MAGIC: i64 = 0x8584_58f6;
+
+/// The file system type (`f_type` of `fstatfs(2)`).
+fn fs_magic(fd: BorrowedFd<'_>) -> Option<i64> {
     // SAFETY: an all-zero statfs is a valid value of the plain C struct.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: `st` is a valid statfs the kernel fills in; it outlives the call.
     let r = unsafe { libc::fstatfs(fd.as_raw_fd(), &mut st) };
-    r == 0 && st.f_type as i64 == libc::TMPFS_MAGIC
+    (r == 0).then_some(st.f_type as i64)
 }
 
 // Block device ioctls (linux/fs.h), for the architectures with the generic

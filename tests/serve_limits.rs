@@ -256,6 +256,74 @@ fn extra_workers_go_away_when_idle() {
     }
 }
 
+/// Expected: a connection that took extra workers for slow requests (its
+/// FLUSHes) and then goes on reading from memory without a pause gives them
+/// back about ten seconds after its last slow request: requests served from
+/// memory are best served by one thread, and the extra ones are not idle.
+#[test]
+fn extra_workers_go_away_when_requests_are_fast_again() {
+    let dir = tempdir();
+    let img = image(dir.path(), MIB);
+    let want = read_file_at(&img, 0, MIB as usize);
+    let srv = Daemon::serve(&img, &dir.path().join("ctl")).start();
+    let pid = srv.pid();
+    let mut c = Raw::simple(srv.addr());
+    // One request first, so the connection's thread is there.
+    assert_bytes_eq(&c.read(1, 0, 4096), &want[..4096], "first read");
+    let base = threads(pid);
+    for k in 0..8 {
+        c.req(CMD_FLUSH, 0, 10 + k, 0, 0);
+    }
+    for _ in 0..8 {
+        match c.reply() {
+            Reply::Simple { error, .. } => assert_eq!(error, 0, "flush"),
+            r => panic!("expected a simple reply, got {r:?}"),
+        }
+    }
+    let mut most = threads(pid);
+    let t0 = Instant::now();
+    let mut cookie = 100u64;
+    let mut back_to_one = None;
+    // Reads, pipelined four at a time, with no pause a worker could retire in.
+    while t0.elapsed() < Duration::from_secs(25) {
+        let mut sent = std::collections::HashMap::new();
+        for i in 0..4u64 {
+            let off = (cookie * 4096 + i * 65536) % (MIB - 4096);
+            c.req(CMD_READ, 0, cookie + i, off, 4096);
+            sent.insert(cookie + i, off as usize);
+        }
+        for _ in 0..4 {
+            let got = match c.reply() {
+                Reply::Simple { error: 0, cookie } => cookie,
+                r => panic!("expected a simple reply without error, got {r:?}"),
+            };
+            let off = sent.remove(&got).expect("a cookie that was sent");
+            assert_bytes_eq(&c.read_exact(4096), &want[off..off + 4096], "read");
+        }
+        cookie += 4;
+        let n = threads(pid);
+        most = most.max(n);
+        if n <= base {
+            back_to_one = Some(t0.elapsed());
+            break;
+        }
+    }
+    assert!(
+        most > base,
+        "the flushes took no extra worker ({base} threads)"
+    );
+    let took = back_to_one.unwrap_or_else(|| {
+        panic!(
+            "still {} threads after 25 s of reads (one worker: {base})",
+            threads(pid)
+        )
+    });
+    assert!(
+        took >= Duration::from_secs(8),
+        "extra workers left after {took:?}, before the storage was fast for long"
+    );
+}
+
 /// Expected: sixteen control connections that send nothing do not lock the
 /// control socket: `status` is answered at once meanwhile, and each idle one
 /// is told "timed out waiting for the request" after about a second.

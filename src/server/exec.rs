@@ -10,7 +10,7 @@ use crate::proto::consts::{STATE_HOLE, STATE_ZERO};
 use crate::proto::reply::{Framing, Replies};
 use crate::proto::{NbdErrno, Request};
 use crate::server::handshake::{BASE_ALLOCATION_ID, MAX_PAYLOAD};
-use crate::storage::Extent;
+use crate::storage::{Extent, Fetch};
 use std::io;
 use std::sync::Arc;
 use std::time::Instant;
@@ -222,9 +222,10 @@ impl Session {
     }
 
     /// Notes how long a request took at the storage; a slow one means the
-    /// image is not (all) in memory, so requests should overlap.
+    /// image is not (all) in memory, so requests should overlap. An image
+    /// in memory is never slow: a long request there was preempted.
     fn timed(self: &Arc<Self>, started: Instant) {
-        if started.elapsed() > SLOW_REQUEST {
+        if started.elapsed() > SLOW_REQUEST && !self.export.in_memory() {
             self.slow_request_seen();
         }
     }
@@ -268,10 +269,16 @@ impl Session {
         let mark = w.out.mark();
         let slot = w.out.claim(hdr + len);
         let started = Instant::now();
-        let r = self.export.read(&mut slot[hdr..], req.offset);
-        self.timed(started);
+        let r = self.export.read_fetch(&mut slot[hdr..], req.offset);
         match r {
-            Ok(()) => {
+            // The page cache says where the data was: a long read that found
+            // it in memory was held up by the CPU, not by the storage.
+            Ok(Fetch::Device) => self.slow_request_seen(),
+            Ok(Fetch::Unknown) => self.timed(started),
+            Ok(Fetch::Memory) | Err(_) => {}
+        }
+        match r {
+            Ok(_) => {
                 slot[..hdr].copy_from_slice(&head);
                 Ok(())
             }

@@ -17,7 +17,7 @@ use crate::proto::{Command, ProtoError, Request};
 use crate::stream::Stream;
 use std::io;
 use std::net::Shutdown;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -26,6 +26,9 @@ use std::time::{Duration, Instant};
 const MAX_WORKERS: usize = 4;
 /// An extra worker that has had nothing to read for this long exits.
 const WORKER_IDLE: Duration = Duration::from_secs(2);
+/// Storage that has not been slow for this long is taken to be fast again:
+/// the extra workers go (requests from memory are best served by one).
+const FAST_AGAIN: Duration = Duration::from_secs(10);
 /// Requests taken per turn at the reader.
 const MAX_BATCH: usize = 32;
 /// A request taking longer than this reveals slow storage.
@@ -83,6 +86,9 @@ pub struct Session {
     /// Workers allowed: one while every request is served from memory (no
     /// hand-offs between threads), more once one was slow.
     allowed: AtomicUsize,
+    /// When a request was last slow (nanoseconds after `born`).
+    slow_at: AtomicU64,
+    born: Instant,
     handles: Mutex<Vec<JoinHandle<()>>>,
     pub(super) name: String,
     /// What an incoming migration's sender has sent.
@@ -117,6 +123,8 @@ impl Session {
             idle: AtomicUsize::new(0),
             workers: AtomicUsize::new(1),
             allowed: AtomicUsize::new(1),
+            slow_at: AtomicU64::new(0),
+            born: Instant::now(),
             handles: Mutex::new(Vec::new()),
             name,
             sender,
@@ -230,6 +238,9 @@ impl Session {
     /// One turn: wait for the reader, take a batch, execute it, send the
     /// replies. `Ok(false)`: this (extra) worker was idle and has retired.
     fn turn(self: &Arc<Self>, w: &mut Worker, extra: bool) -> io::Result<bool> {
+        if extra && self.fast_again() {
+            return Ok(!self.retire());
+        }
         self.idle.fetch_add(1, SeqCst);
         let retire_at = extra.then(|| Instant::now() + WORKER_IDLE);
         let g = self.reading.lock().unwrap_or_else(|p| p.into_inner());
@@ -275,6 +286,8 @@ impl Session {
     /// Storage turned out slow: from now on, requests are executed by several
     /// workers at once, and one more starts now if nobody is reading.
     pub(super) fn slow_request_seen(self: &Arc<Self>) {
+        self.slow_at
+            .store(self.born.elapsed().as_nanos() as u64, SeqCst);
         if self.allowed.swap(MAX_WORKERS, SeqCst) < MAX_WORKERS {
             debug!(
                 "{}: slow requests: serving with up to {MAX_WORKERS} workers",
@@ -282,6 +295,21 @@ impl Session {
             );
         }
         self.add_worker_if_needed();
+    }
+
+    /// No request was slow for [`FAST_AGAIN`]: one worker is allowed again
+    /// (true while more are running than allowed).
+    fn fast_again(&self) -> bool {
+        if self.allowed.load(SeqCst) > 1 {
+            let since = self.born.elapsed().as_nanos() as u64 - self.slow_at.load(SeqCst);
+            if Duration::from_nanos(since) > FAST_AGAIN && self.allowed.swap(1, SeqCst) > 1 {
+                debug!(
+                    "{}: requests are fast again: serving with one worker",
+                    self.name
+                );
+            }
+        }
+        self.workers.load(SeqCst) > self.allowed.load(SeqCst)
     }
 
     /// Starts a worker if more are allowed and none is waiting to read.

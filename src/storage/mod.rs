@@ -15,6 +15,7 @@ use std::io::{self, Seek, SeekFrom};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 
 /// Granularity of hole detection: zero blocks of this size that land on a hole
 /// are not written.
@@ -22,6 +23,17 @@ pub const BLOCK: u64 = 4096;
 
 /// Largest single zero-filling write when a range must be zeroed by writing.
 const ZERO_CHUNK: usize = 1 << 20;
+
+/// Where a read's data came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fetch {
+    /// All of it was in memory (the page cache, or a file system in memory).
+    Memory,
+    /// Some of it had to be read from the device.
+    Device,
+    /// The file system cannot tell (`RWF_NOWAIT` is not supported).
+    Unknown,
+}
 
 /// One run of the file with the same allocation status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,6 +71,11 @@ pub struct Storage {
     sector: Option<u32>,
     /// `SEEK_HOLE` costs little (not tmpfs, where it walks every page).
     cheap_seek_hole: bool,
+    /// The file lives in memory: reads never wait for a device.
+    in_memory: bool,
+    /// Reads can ask the page cache alone first (`RWF_NOWAIT`); cleared
+    /// the first time the file system refuses.
+    nowait: AtomicBool,
 }
 
 impl Storage {
@@ -98,6 +115,8 @@ impl Storage {
         lock::lock(&file, read_only)?;
         Ok(Storage {
             cheap_seek_hole: !sys::on_tmpfs(file.as_fd()),
+            in_memory: sys::in_memory_fs(file.as_fd()),
+            nowait: AtomicBool::new(true),
             file,
             size,
             writable: !read_only,
@@ -125,19 +144,69 @@ impl Storage {
 
     /// Fills `buf` from `offset`; bytes past the end of the file read as zeroes.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.read_from_file(buf, offset).map(|_| ())
+    }
+
+    /// As [`read_at`](Self::read_at), telling where the data came from:
+    /// the page cache is asked first (`RWF_NOWAIT`), and only what it does
+    /// not hold is read with a wait. A server uses this to tell slow
+    /// storage from a busy CPU (both make a read take long).
+    pub fn read_fetch(&self, buf: &mut [u8], offset: u64) -> io::Result<Fetch> {
+        if self.in_memory {
+            self.read_at(buf, offset)?;
+            return Ok(Fetch::Memory);
+        }
+        if self.nowait.load(Relaxed) && !buf.is_empty() {
+            loop {
+                match sys::pread_nowait(self.fd(), buf, offset) {
+                    Ok(n) if n == buf.len() => return Ok(Fetch::Memory),
+                    Ok(n) => {
+                        // The end of the file, or the rest is not cached.
+                        let waited = self.read_from_file(&mut buf[n..], offset + n as u64)?;
+                        return Ok(if waited > 0 {
+                            Fetch::Device
+                        } else {
+                            Fetch::Memory
+                        });
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        self.read_at(buf, offset)?;
+                        return Ok(Fetch::Device);
+                    }
+                    Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EINVAL)) => {
+                        self.nowait.store(false, Relaxed);
+                        break;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        self.read_at(buf, offset)?;
+        Ok(Fetch::Unknown)
+    }
+
+    /// Fills `buf` from `offset`, zeroes past the end of the file; returns
+    /// how many bytes came from the file.
+    fn read_from_file(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
         let mut done = 0;
         while done < buf.len() {
             match self.file.read_at(&mut buf[done..], offset + done as u64) {
                 Ok(0) => {
                     buf[done..].fill(0);
-                    return Ok(());
+                    return Ok(done);
                 }
                 Ok(n) => done += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
         }
-        Ok(())
+        Ok(done)
+    }
+
+    /// The file lives in memory (tmpfs and the like): nothing waits for a device.
+    pub fn in_memory(&self) -> bool {
+        self.in_memory
     }
 
     /// Writes `buf` at `offset`; with `durable`, returns only once it is on stable storage.

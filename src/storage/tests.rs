@@ -203,3 +203,71 @@ fn data_map_finds_the_runs_of_a_read() {
         assert_eq!(few.iter().map(|e| e.len).sum::<u64>(), 4 * MIB);
     }
 }
+
+/// Drops the file's clean pages from the page cache.
+fn evict(s: &Storage) {
+    s.sync().unwrap();
+    sys::fadvise_dontneed(s.fd(), 0, 0).unwrap();
+}
+
+#[test]
+fn read_fetch_tells_the_page_cache_from_the_device() {
+    let (_f, s) = sparse(MIB);
+    let data: Vec<u8> = (0..MIB as u32).map(|i| (i * 7 % 251) as u8).collect();
+    s.write_at(&data, 0, false).unwrap();
+    let mut back = vec![0u8; 64 * 1024];
+    // Just written: in memory (or the file system cannot tell).
+    let f = s.read_fetch(&mut back, 4096).unwrap();
+    assert!(matches!(f, Fetch::Memory | Fetch::Unknown), "{f:?}");
+    assert_eq!(back, data[4096..4096 + back.len()]);
+    evict(&s);
+    let f = s.read_fetch(&mut back, 8192).unwrap();
+    assert_eq!(back, data[8192..8192 + back.len()]);
+    let expect = match (s.in_memory(), s.nowait.load(Relaxed)) {
+        (true, _) => Fetch::Memory,
+        (false, true) => Fetch::Device,
+        (false, false) => Fetch::Unknown,
+    };
+    assert_eq!(f, expect);
+    // Now cached again.
+    let f = s.read_fetch(&mut back, 8192).unwrap();
+    assert!(matches!(f, Fetch::Memory | Fetch::Unknown), "{f:?}");
+    assert_eq!(back, data[8192..8192 + back.len()]);
+}
+
+#[test]
+fn read_fetch_zero_fills_past_the_end_of_the_file() {
+    let f = tempfile::NamedTempFile::new().unwrap();
+    f.as_file().write_all_at(&[0xa5u8; 10_000], 0).unwrap();
+    let s = Storage::open(f.path(), true).unwrap();
+    let mut back = vec![1u8; 16_384];
+    let fetched = s.read_fetch(&mut back, 0).unwrap();
+    assert!(back[..10_000].iter().all(|&b| b == 0xa5));
+    assert!(back[10_000..].iter().all(|&b| b == 0));
+    // The end of the file is not a wait for the device.
+    assert!(
+        matches!(fetched, Fetch::Memory | Fetch::Unknown),
+        "{fetched:?}"
+    );
+    evict(&s);
+    let mut back = vec![1u8; 16_384];
+    s.read_fetch(&mut back, 0).unwrap();
+    assert!(back[..10_000].iter().all(|&b| b == 0xa5));
+    assert!(back[10_000..].iter().all(|&b| b == 0));
+}
+
+#[test]
+fn files_in_memory_always_read_from_memory() {
+    let dir = std::path::Path::new("/dev/shm");
+    if !dir.is_dir() || !sys::in_memory_fs(File::open(dir).unwrap().as_fd()) {
+        eprintln!("no tmpfs at /dev/shm; nothing to check");
+        return;
+    }
+    let f = tempfile::NamedTempFile::new_in(dir).unwrap();
+    f.as_file().write_all_at(&[3u8; 8192], 0).unwrap();
+    let s = Storage::open(f.path(), false).unwrap();
+    assert!(s.in_memory());
+    let mut back = [0u8; 8192];
+    assert_eq!(s.read_fetch(&mut back, 0).unwrap(), Fetch::Memory);
+    assert!(back.iter().all(|&b| b == 3));
+}
