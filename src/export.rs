@@ -158,6 +158,12 @@ impl Export {
         Ok(self.storage.read_fetch(buf, offset)?)
     }
 
+    /// Whether a read of the range would wait for the device, asked without
+    /// reading ([`Storage::residency`]).
+    pub fn residency(&self, offset: u64, len: u64) -> Fetch {
+        self.storage.residency(offset, len)
+    }
+
     /// The image lives in memory (tmpfs and the like): no request waits for a device.
     pub fn in_memory(&self) -> bool {
         self.storage.in_memory()

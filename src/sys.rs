@@ -97,6 +97,56 @@ pub fn pread_nowait(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> io::Resu
     cvt(r as libc::c_long).map(|n| n as usize)
 }
 
+/// The `cachestat(2)` system call (Linux 6.5), whose number is the same
+/// on every architecture (it came after the tables were unified); the
+/// libc crate names it only for some.
+const SYS_CACHESTAT: libc::c_long = 451;
+
+/// `cachestat(2)`: how many pages of `[offset, offset + len)` the page cache
+/// holds, asked without reading them (`ENOSYS` on kernels before 6.5).
+pub fn cached_pages(fd: BorrowedFd<'_>, offset: u64, len: u64) -> io::Result<u64> {
+    #[repr(C)]
+    struct Range {
+        off: u64,
+        len: u64,
+    }
+    #[repr(C)]
+    #[derive(Default)]
+    struct Stat {
+        nr_cache: u64,
+        nr_dirty: u64,
+        nr_writeback: u64,
+        nr_evicted: u64,
+        nr_recently_evicted: u64,
+    }
+    let range = Range { off: offset, len };
+    let mut stat = Stat::default();
+    // SAFETY: both structs have the kernel's layout (`struct cachestat_range`,
+    // `struct cachestat`) and outlive the call, which only writes `stat`.
+    let r = unsafe {
+        libc::syscall(
+            SYS_CACHESTAT,
+            fd.as_raw_fd(),
+            &range as *const Range,
+            &mut stat as *mut Stat,
+            0u32,
+        )
+    };
+    cvt(r)?;
+    Ok(stat.nr_cache)
+}
+
+/// The size of a memory page.
+pub fn page_size() -> u64 {
+    // SAFETY: sysconf has no memory effects.
+    let r = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if r > 0 {
+        r as u64
+    } else {
+        4096
+    }
+}
+
 /// `posix_fadvise(POSIX_FADV_WILLNEED)`: start reading the range into the page cache.
 pub fn fadvise_willneed(fd: BorrowedFd<'_>, offset: u64, len: u64) -> io::Result<()> {
     fadvise(fd, offset, len, libc::POSIX_FADV_WILLNEED)

@@ -324,6 +324,69 @@ fn extra_workers_go_away_when_requests_are_fast_again() {
     );
 }
 
+/// Expected: large reads of an image that is not in the page cache (sent
+/// with sendfile, which no timing can see into) make the connection serve
+/// with several workers, so the waits for the device overlap: the server
+/// asks the page cache what it holds before sending.
+#[test]
+fn large_reads_from_the_device_take_extra_workers() {
+    let dir = tempdir();
+    let img = image(dir.path(), 16 * MIB);
+    let want = read_file_at(&img, 0, 16 * MIB as usize);
+    let f = std::fs::File::open(&img).unwrap();
+    use std::os::fd::AsFd;
+    if flexnbd::storage::Storage::open(&img, true)
+        .map(|s| s.in_memory())
+        .unwrap_or(true)
+        || flexnbd::sys::cached_pages(f.as_fd(), 0, 4096).is_err()
+    {
+        eprintln!("image in memory, or no cachestat(2): the page cache cannot be asked");
+        return;
+    }
+    let srv = Daemon::serve(&img, &dir.path().join("ctl")).start();
+    let pid = srv.pid();
+    let mut c = Raw::simple(srv.addr());
+    assert_bytes_eq(&c.read(1, 0, 4096), &want[..4096], "first read");
+    let base = threads(pid);
+    // Out of the page cache.
+    f.sync_all().unwrap();
+    // GNU dd with `iflag=nocache count=0` drops the whole file's cached pages.
+    let dd = Command::new("dd")
+        .arg(format!("if={}", img.display()))
+        .args(["iflag=nocache", "count=0", "status=none"])
+        .status()
+        .unwrap();
+    assert!(dd.success(), "dd: {dd}");
+    assert_eq!(
+        flexnbd::sys::cached_pages(f.as_fd(), MIB, 15 * MIB).unwrap(),
+        0,
+        "the image is still in the page cache"
+    );
+    let len = 256 * 1024u32;
+    let offs: Vec<u64> = (0..8u64).map(|i| MIB + i * 2 * MIB - 4096 * i).collect();
+    for (i, &off) in offs.iter().enumerate() {
+        c.req(CMD_READ, 0, 10 + i as u64, off, len);
+    }
+    let mut most = threads(pid);
+    for _ in 0..offs.len() {
+        let got = match c.reply() {
+            Reply::Simple { error: 0, cookie } => cookie,
+            r => panic!("expected a simple reply without error, got {r:?}"),
+        };
+        let off = offs[(got - 10) as usize] as usize;
+        assert_bytes_eq(
+            &c.read_exact(len as usize),
+            &want[off..off + len as usize],
+            "read",
+        );
+        most = most.max(threads(pid));
+    }
+    assert!(
+        most > base,
+        "reads that waited for the device took no extra worker ({base} threads)"
+    );
+}
+
 /// Expected: sixteen control connections that send nothing do not lock the
 /// control socket: `status` is answered at once meanwhile, and each idle one
 /// is told "timed out waiting for the request" after about a second.

@@ -236,6 +236,12 @@ impl Session {
         if structured && len == 0 {
             return self.reply_ok(w, req);
         }
+        // Large reads go from the page cache to the socket unseen: ask first
+        // whether the data is there, so a wait for the device overlaps
+        // other requests as a buffered read's does.
+        if len >= ZERO_COPY_MIN && self.export.residency(req.offset, len as u64) == Fetch::Device {
+            self.slow_request_seen();
+        }
         if structured && !df && len >= HOLE_READ_MIN {
             // Chunks on the real data/hole boundaries.
             let map = self

@@ -76,6 +76,9 @@ pub struct Storage {
     /// Reads can ask the page cache alone first (`RWF_NOWAIT`); cleared
     /// the first time the file system refuses.
     nowait: AtomicBool,
+    /// The page cache can be asked what it holds (`cachestat(2)`); cleared
+    /// the first time the kernel refuses.
+    cachestat: AtomicBool,
 }
 
 impl Storage {
@@ -117,6 +120,7 @@ impl Storage {
             cheap_seek_hole: !sys::on_tmpfs(file.as_fd()),
             in_memory: sys::in_memory_fs(file.as_fd()),
             nowait: AtomicBool::new(true),
+            cachestat: AtomicBool::new(true),
             file,
             size,
             writable: !read_only,
@@ -184,6 +188,34 @@ impl Storage {
         }
         self.read_at(buf, offset)?;
         Ok(Fetch::Unknown)
+    }
+
+    /// Where a read of `[offset, offset + len)` would find its data, asked
+    /// of the page cache without reading (`cachestat(2)`): for data sent
+    /// straight from the page cache, which [`read_fetch`](Self::read_fetch)
+    /// cannot watch. `Unknown` where the kernel cannot tell.
+    pub fn residency(&self, offset: u64, len: u64) -> Fetch {
+        if self.in_memory {
+            return Fetch::Memory;
+        }
+        // Past the end of the image there is nothing to fetch.
+        let end = offset.saturating_add(len).min(self.size);
+        if end <= offset {
+            return Fetch::Memory;
+        }
+        if !self.cachestat.load(Relaxed) {
+            return Fetch::Unknown;
+        }
+        let page = sys::page_size();
+        let pages = (end - 1) / page - offset / page + 1;
+        match sys::cached_pages(self.fd(), offset, end - offset) {
+            Ok(n) if n >= pages => Fetch::Memory,
+            Ok(_) => Fetch::Device,
+            Err(_) => {
+                self.cachestat.store(false, Relaxed);
+                Fetch::Unknown
+            }
+        }
     }
 
     /// Fills `buf` from `offset`, zeroes past the end of the file; returns

@@ -271,3 +271,39 @@ fn files_in_memory_always_read_from_memory() {
     assert_eq!(s.read_fetch(&mut back, 0).unwrap(), Fetch::Memory);
     assert!(back.iter().all(|&b| b == 3));
 }
+
+#[test]
+fn residency_tells_what_the_page_cache_holds_without_reading() {
+    let (_f, s) = sparse(MIB);
+    let data: Vec<u8> = (0..MIB as u32).map(|i| (i * 13 % 251) as u8).collect();
+    s.write_at(&data, 0, false).unwrap();
+    // Just written: in memory (or the kernel cannot tell).
+    let r = s.residency(4096, 256 * 1024);
+    assert!(matches!(r, Fetch::Memory | Fetch::Unknown), "{r:?}");
+    // Past the end there is nothing to fetch.
+    assert_eq!(s.residency(MIB, 4096), Fetch::Memory);
+    assert_eq!(s.residency(u64::MAX - 10, 100), Fetch::Memory);
+    evict(&s);
+    let expect = match (s.in_memory(), s.cachestat.load(Relaxed)) {
+        (true, _) => Fetch::Memory,
+        (false, true) => Fetch::Device,
+        (false, false) => Fetch::Unknown,
+    };
+    assert_eq!(s.residency(65_536, 256 * 1024), expect);
+    // Asking did not read: still not cached.
+    assert_eq!(s.residency(65_536, 256 * 1024), expect);
+    // Read half of the range; the rest is still on the device.
+    let mut back = vec![0u8; 128 * 1024];
+    s.read_at(&mut back, 65_536).unwrap();
+    assert_eq!(back, data[65_536..65_536 + back.len()]);
+    if expect == Fetch::Device {
+        assert_eq!(s.residency(65_536, 128 * 1024), Fetch::Memory);
+        // Readahead may have brought in more than was read: only the range
+        // from the end of the file back is sure to be out.
+        sys::fadvise_dontneed(s.fd(), 512 * 1024, 0).unwrap();
+        assert_eq!(s.residency(65_536, MIB), Fetch::Device);
+        // A range reaching past the end counts only the pages before it.
+        s.read_at(&mut vec![0u8; 512 * 1024], 512 * 1024).unwrap();
+        assert_eq!(s.residency(MIB - 4096, 64 * 1024), Fetch::Memory);
+    }
+}
