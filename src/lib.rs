@@ -48,7 +48,8 @@
 //! - [`export`]: the served image: storage, request gate ([`gate`]: counted
 //!   holds), change observer.
 //! - [`storage`]: positional file I/O, holes and extents (`storage::map`),
-//!   block devices (`storage::device`), the image lock (`storage::lock`).
+//!   block devices (`storage::device`), the image lock (`storage::lock`),
+//!   early writeback of sequential writes (`storage::writeback`).
 //! - [`proto`]: the NBD wire format, no I/O; compact and extended headers
 //!   (`proto::reply::Framing`), every reply built by `proto::reply::Replies`.
 //! - [`tls`]: TLS settings and handshakes (rustls): `--tls` modes,

@@ -102,9 +102,19 @@ pub fn pread_nowait(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> io::Resu
 /// libc crate names it only for some.
 const SYS_CACHESTAT: libc::c_long = 451;
 
-/// `cachestat(2)`: how many pages of `[offset, offset + len)` the page cache
-/// holds, asked without reading them (`ENOSYS` on kernels before 6.5).
-pub fn cached_pages(fd: BorrowedFd<'_>, offset: u64, len: u64) -> io::Result<u64> {
+/// What the page cache holds of a range of a file, in pages.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheStat {
+    pub cached: u64,
+    /// Cached and changed, not yet being written.
+    pub dirty: u64,
+    /// Being written to the device.
+    pub writeback: u64,
+}
+
+/// `cachestat(2)`: what the page cache holds of `[offset, offset + len)`,
+/// asked without reading it (`ENOSYS` on kernels before 6.5).
+pub fn cachestat(fd: BorrowedFd<'_>, offset: u64, len: u64) -> io::Result<CacheStat> {
     #[repr(C)]
     struct Range {
         off: u64,
@@ -133,7 +143,11 @@ pub fn cached_pages(fd: BorrowedFd<'_>, offset: u64, len: u64) -> io::Result<u64
         )
     };
     cvt(r)?;
-    Ok(stat.nr_cache)
+    Ok(CacheStat {
+        cached: stat.nr_cache,
+        dirty: stat.nr_dirty,
+        writeback: stat.nr_writeback,
+    })
 }
 
 /// The size of a memory page.
@@ -145,6 +159,22 @@ pub fn page_size() -> u64 {
     } else {
         4096
     }
+}
+
+/// `sync_file_range(SYNC_FILE_RANGE_WRITE)`: starts writing the range's
+/// dirty pages to the device, without waiting for them (and without making
+/// anything durable: that is `fdatasync`'s job).
+pub fn start_writeback(fd: BorrowedFd<'_>, offset: u64, len: u64) -> io::Result<()> {
+    // SAFETY: no memory is passed; the kernel only reads the arguments.
+    let r = unsafe {
+        libc::sync_file_range(
+            fd.as_raw_fd(),
+            offset as libc::off64_t,
+            len as libc::off64_t,
+            libc::SYNC_FILE_RANGE_WRITE,
+        )
+    };
+    cvt(r as libc::c_long).map(|_| ())
 }
 
 /// `posix_fadvise(POSIX_FADV_WILLNEED)`: start reading the range into the page cache.

@@ -338,7 +338,7 @@ fn large_reads_from_the_device_take_extra_workers() {
     if flexnbd::storage::Storage::open(&img, true)
         .map(|s| s.in_memory())
         .unwrap_or(true)
-        || flexnbd::sys::cached_pages(f.as_fd(), 0, 4096).is_err()
+        || flexnbd::sys::cachestat(f.as_fd(), 0, 4096).is_err()
     {
         eprintln!("image in memory, or no cachestat(2): the page cache cannot be asked");
         return;
@@ -358,7 +358,9 @@ fn large_reads_from_the_device_take_extra_workers() {
         .unwrap();
     assert!(dd.success(), "dd: {dd}");
     assert_eq!(
-        flexnbd::sys::cached_pages(f.as_fd(), MIB, 15 * MIB).unwrap(),
+        flexnbd::sys::cachestat(f.as_fd(), MIB, 15 * MIB)
+            .unwrap()
+            .cached,
         0,
         "the image is still in the page cache"
     );
@@ -385,6 +387,68 @@ fn large_reads_from_the_device_take_extra_workers() {
         most > base,
         "reads that waited for the device took no extra worker ({base} threads)"
     );
+}
+
+/// Expected: a long sequential write (a copy, a migration's destination)
+/// does not pile up in the page cache until a FLUSH: its writeback starts
+/// every few MiB, so without any FLUSH the written data is soon on its way
+/// to the device, while random writes are left to the kernel. Seen in the
+/// image's own page-cache counters (`cachestat(2)`).
+#[test]
+fn sequential_writes_are_written_back_before_any_flush() {
+    use std::os::fd::AsFd;
+    let dir = tempdir();
+    let img = dir.path().join("img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(64 * MIB)
+        .unwrap();
+    let f = std::fs::File::open(&img).unwrap();
+    if flexnbd::storage::Storage::open(&img, true)
+        .map(|s| s.in_memory())
+        .unwrap_or(true)
+        || flexnbd::sys::cachestat(f.as_fd(), 0, 4096).is_err()
+    {
+        eprintln!("image in memory, or no cachestat(2): nothing is written back");
+        return;
+    }
+    let srv = Daemon::serve(&img, &dir.path().join("ctl")).start();
+    let mut c = Raw::simple(srv.addr());
+    let piece: Vec<u8> = (0..256 * 1024u32).map(|i| (i % 251 + 1) as u8).collect();
+    // 32 MiB in order, then a few scattered blocks elsewhere.
+    for i in 0..128u64 {
+        assert_eq!(c.write(i, i * piece.len() as u64, &piece), 0, "write {i}");
+    }
+    for i in 0..8u64 {
+        assert_eq!(c.write(1000 + i, 40 * MIB + i * 3 * MIB, &piece[..4096]), 0);
+    }
+    let unwritten = || {
+        let st = flexnbd::sys::cachestat(f.as_fd(), 0, 32 * MIB).unwrap();
+        st.dirty * 4096
+    };
+    let t0 = Instant::now();
+    let mut left = unwritten();
+    while left > 8 * MIB && t0.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(50));
+        left = unwritten();
+    }
+    assert!(
+        left <= 8 * MIB,
+        "{} MiB of the sequential write still dirty {:?} later, without a FLUSH",
+        left / MIB,
+        t0.elapsed()
+    );
+    // Random writes are not pushed out early.
+    let scattered = flexnbd::sys::cachestat(f.as_fd(), 40 * MIB, 24 * MIB).unwrap();
+    assert!(
+        scattered.dirty > 0,
+        "scattered writes were written back: {scattered:?}"
+    );
+    // And the data is what was written.
+    let back = read_file_at(&img, 0, 32 * MIB as usize);
+    for (i, chunk) in back.chunks(piece.len()).enumerate() {
+        assert_bytes_eq(chunk, &piece, &format!("piece {i}"));
+    }
 }
 
 /// Expected: sixteen control connections that send nothing do not lock the

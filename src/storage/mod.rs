@@ -4,6 +4,7 @@
 mod device;
 mod lock;
 mod map;
+mod writeback;
 mod zero;
 
 pub use lock::OpenError;
@@ -79,6 +80,8 @@ pub struct Storage {
     /// The page cache can be asked what it holds (`cachestat(2)`); cleared
     /// the first time the kernel refuses.
     cachestat: AtomicBool,
+    /// Starts the writeback of sequential runs early (not for a file in memory).
+    behind: Option<writeback::WriteBehind>,
 }
 
 impl Storage {
@@ -116,11 +119,13 @@ impl Storage {
             ));
         };
         lock::lock(&file, read_only)?;
+        let in_memory = sys::in_memory_fs(file.as_fd());
         Ok(Storage {
             cheap_seek_hole: !sys::on_tmpfs(file.as_fd()),
-            in_memory: sys::in_memory_fs(file.as_fd()),
+            in_memory,
             nowait: AtomicBool::new(true),
             cachestat: AtomicBool::new(true),
+            behind: (!in_memory).then(writeback::WriteBehind::default),
             file,
             size,
             writable: !read_only,
@@ -208,7 +213,7 @@ impl Storage {
         }
         let page = sys::page_size();
         let pages = (end - 1) / page - offset / page + 1;
-        match sys::cached_pages(self.fd(), offset, end - offset) {
+        match sys::cachestat(self.fd(), offset, end - offset).map(|c| c.cached) {
             Ok(n) if n >= pages => Fetch::Memory,
             Ok(_) => Fetch::Device,
             Err(_) => {
@@ -265,6 +270,14 @@ impl Storage {
     /// Like [`write_at`](Self::write_at), but 4 KiB-aligned blocks of zeroes that
     /// land on a hole are skipped, so the hole stays a hole.
     pub fn write_sparse_at(&self, buf: &[u8], offset: u64, durable: bool) -> io::Result<()> {
+        self.write_sparse(buf, offset, durable)?;
+        if let (Some(b), false) = (&self.behind, durable) {
+            b.wrote(&self.file, offset, buf.len() as u64);
+        }
+        Ok(())
+    }
+
+    fn write_sparse(&self, buf: &[u8], offset: u64, durable: bool) -> io::Result<()> {
         let end = offset + buf.len() as u64;
         let first = offset.div_ceil(BLOCK) * BLOCK;
         if first >= end || end - first < BLOCK {
