@@ -10,7 +10,7 @@ use super::{io_error, unsupported, ClientError, ExportInfo, SMALL_WRITE};
 use crate::proto::consts::*;
 use crate::proto::{Command, ReplyHeader, Request};
 use std::collections::HashMap;
-use std::io::Write;
+use std::io::{IoSlice, Write};
 use std::net::Shutdown;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -326,7 +326,26 @@ impl Sender {
             self.scratch.extend_from_slice(payload);
             w.write_all(&self.scratch)
         } else {
-            w.write_all(&header).and_then(|_| w.write_all(payload))
+            // One vectored write: the header does not go out on its own
+            // (a packet, and a wake-up of the server, for 28 bytes).
+            let mut parts = [IoSlice::new(&header), IoSlice::new(payload)];
+            let mut bufs = &mut parts[..];
+            let mut r = Ok(());
+            while !bufs.is_empty() {
+                match w.write_vectored(bufs) {
+                    Ok(0) => {
+                        r = Err(std::io::ErrorKind::WriteZero.into());
+                        break;
+                    }
+                    Ok(n) => IoSlice::advance_slices(&mut bufs, n),
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        r = Err(e);
+                        break;
+                    }
+                }
+            }
+            r
         };
         r.and_then(|_| w.flush())
             .map_err(|e| io_error(e, Some(self.timeout)))

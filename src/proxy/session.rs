@@ -76,16 +76,11 @@ impl Replier {
     fn write(&self, out: &mut Vec<u8>, parts: &[&[u8]]) {
         let _g = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let deadline = self.send.deadline();
-        let r = match out.is_empty() {
-            true => Ok(()),
-            false => self.conn.send_all(out, deadline),
-        };
+        let mut all = Vec::with_capacity(parts.len() + 1);
+        all.push(&out[..]);
+        all.extend_from_slice(parts);
+        let r = self.conn.send_all_parts(&all, deadline);
         out.clear();
-        let r = r.and_then(|_| {
-            parts
-                .iter()
-                .try_for_each(|p| self.conn.send_all(p, deadline))
-        });
         if let Err(e) = r {
             if !self.gone.swap(true, Relaxed) {
                 info!("{}: cannot send to the client: {e}", self.name);

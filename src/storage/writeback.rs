@@ -138,7 +138,9 @@ fn write_back(file: File, shared: &Shared) {
                 g = cv.wait(g).unwrap_or_else(|p| p.into_inner());
             }
         };
-        // Only starts the writes; an error shows up at the next FLUSH.
+        // Only starts the writes. Without a WAIT flag this does not look at
+        // (nor consume) the file's writeback error state, so an error in
+        // these writes is still reported by the next FLUSH's fdatasync.
         let _ = sys::start_writeback(file.as_fd(), off, len);
     }
 }
