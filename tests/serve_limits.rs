@@ -324,6 +324,16 @@ fn extra_workers_go_away_when_requests_are_fast_again() {
     );
 }
 
+/// The image `img` (open as `f`) is on a file system with a page cache that
+/// `cachestat(2)` can be asked about (not tmpfs, a kernel of 6.5 or later).
+fn page_cache_answers(img: &Path, f: &std::fs::File) -> bool {
+    use std::os::fd::AsFd;
+    let in_memory = flexnbd::storage::Storage::open(img, true)
+        .map(|s| s.in_memory())
+        .unwrap_or(true);
+    !in_memory && flexnbd::sys::cachestat(f.as_fd(), 0, 4096).is_ok()
+}
+
 /// Expected: large reads of an image that is not in the page cache (sent
 /// with sendfile, which no timing can see into) make the connection serve
 /// with several workers, so the waits for the device overlap: the server
@@ -335,11 +345,7 @@ fn large_reads_from_the_device_take_extra_workers() {
     let want = read_file_at(&img, 0, 16 * MIB as usize);
     let f = std::fs::File::open(&img).unwrap();
     use std::os::fd::AsFd;
-    if flexnbd::storage::Storage::open(&img, true)
-        .map(|s| s.in_memory())
-        .unwrap_or(true)
-        || flexnbd::sys::cachestat(f.as_fd(), 0, 4096).is_err()
-    {
+    if !page_cache_answers(&img, &f) {
         eprintln!("image in memory, or no cachestat(2): the page cache cannot be asked");
         return;
     }
@@ -404,11 +410,7 @@ fn sequential_writes_are_written_back_before_any_flush() {
         .set_len(64 * MIB)
         .unwrap();
     let f = std::fs::File::open(&img).unwrap();
-    if flexnbd::storage::Storage::open(&img, true)
-        .map(|s| s.in_memory())
-        .unwrap_or(true)
-        || flexnbd::sys::cachestat(f.as_fd(), 0, 4096).is_err()
-    {
+    if !page_cache_answers(&img, &f) {
         eprintln!("image in memory, or no cachestat(2): nothing is written back");
         return;
     }
