@@ -237,11 +237,90 @@ fn negotiation_rules() {
 
 #[test]
 fn requests_with_64_bit_lengths_on_a_sparse_8_tib_image() {
-    let size = 8 * TIB;
     let dir = tempdir();
     let first = random_bytes(1, 64 * 1024);
-    let img = sparse_image(dir.path(), size, &[(5 * TIB, &first)]);
+    let img = sparse_image(dir.path(), 8 * TIB, &[(5 * TIB, &first)]);
     let mut srv = Serve::tcp(&img).arg("-v").start();
+    sixty_four_bit_lengths(&mut srv, &img, &first);
+}
+
+/// The same requests through `flexnbd proxy`: it offers extended headers
+/// because its upstream does, and passes the 64-bit lengths on (one
+/// WRITE_ZEROES of 8 TiB upstream, extents beyond 4 GiB back).
+#[test]
+fn the_proxy_passes_64_bit_lengths_on() {
+    let dir = tempdir();
+    let first = random_bytes(1, 64 * 1024);
+    let img = sparse_image(dir.path(), 8 * TIB, &[(5 * TIB, &first)]);
+    let maddr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut up = Serve::tcp(&img)
+        .args(&["-v", "--metrics", &maddr.to_string()])
+        .start();
+    let mut p = Serve::proxy(&up.conn_args()).arg("-v").start();
+    sixty_four_bit_lengths(&mut p, &img, &first);
+    // Every request went upstream with extended headers too.
+    assert!(up.log_count("extended headers") >= 1, "{}", up.stderr());
+
+    // qemu-io through the proxy: its 8 TiB WRITE_ZEROES reaches the
+    // upstream as one request.
+    let qemu_io = require_tool("qemu-io");
+    let io = |cmds: &[&str]| {
+        let mut c = Command::new(&qemu_io);
+        c.args(["-f", "raw"]);
+        for cmd in cmds {
+            c.args(["-c", cmd]);
+        }
+        c.arg(p.uri());
+        let out = run(&mut c, Duration::from_secs(60));
+        out.expect_success("qemu-io");
+        let text = out.stdout_str();
+        assert!(!text.contains("fail"), "qemu-io: {text}");
+    };
+    io(&["write -P 0x5a 7T 1M", "read -P 0x5a 7T 1M"]);
+    assert_eq!(read_file_at(&img, 7 * TIB, 4096), vec![0x5a; 4096]);
+    let key = "flexnbd_requests_total{command=\"write_zeroes\"}";
+    let before = scrape(maddr)[key];
+    io(&["write -z -n -u 0 8T", "read -P 0 7T 1M"]);
+    assert_eq!(
+        scrape(maddr)[key] - before,
+        1.0,
+        "one WRITE_ZEROES upstream"
+    );
+    assert_eq!(read_file_at(&img, 7 * TIB, 4096), vec![0u8; 4096]);
+    up.assert_alive();
+    p.assert_alive();
+
+    // A proxy whose upstream lacks them (nbdkit 1.32) does not offer them,
+    // and its clients get structured replies instead.
+    let dir = tempdir();
+    let small = sparse_image(dir.path(), 16 * MIB, &[]);
+    let kit = common::nbdkit::Nbdkit::start(&small, "plugin");
+    let up_args = [
+        "--conn-addr".to_owned(),
+        "127.0.0.1".to_owned(),
+        "--conn-port".to_owned(),
+        kit.port.to_string(),
+    ];
+    let mut p = Serve::proxy(&up_args).start();
+    let mut r = Raw::handshake(p.addr());
+    let eh = r.opt(OPT_EXTENDED_HEADERS, &[]);
+    assert_eq!(eh.last().unwrap().kind, REP_ERR_UNSUP, "{eh:?}");
+    let sr = r.opt(OPT_STRUCTURED_REPLY, &[]);
+    assert_eq!(sr.last().unwrap().kind, REP_ACK, "{sr:?}");
+    let (got, flags) = r.go();
+    assert_eq!(got, 16 * MIB);
+    assert_eq!(flags & FLAG_BLOCK_STATUS_PAYLOAD, 0, "flags {flags:#x}");
+    r.req(CMD_FLUSH, 0, 1, 0, 0);
+    assert_eq!(r.simple_reply(1), 0, "flush through the proxy");
+    p.assert_alive();
+}
+
+/// Writes, reads, block status, refusals and a WRITE_ZEROES over all of an
+/// 8 TiB image with `first` at 5 TiB, served by `srv`, checked on the wire
+/// and in the file `img`.
+fn sixty_four_bit_lengths(srv: &mut Server, img: &Path, first: &[u8]) {
+    let size = 8 * TIB;
+    let img = img.to_owned();
     let (mut r, got, _) = extended(srv.addr());
     assert_eq!(got, size);
 
@@ -257,7 +336,7 @@ fn requests_with_64_bit_lengths_on_a_sparse_8_tib_image() {
     assert_bytes_eq(&read_file_at(&img, 6 * TIB, a.len()), &a, "first write");
     assert_bytes_eq(&read_file_at(&img, MIB, b.len()), &b, "second write");
     // Reads come back as extended chunks echoing the request's offset.
-    assert_bytes_eq(&r.read_ext(3, 5 * TIB, first.len() as u64), &first, "read");
+    assert_bytes_eq(&r.read_ext(3, 5 * TIB, first.len() as u64), first, "read");
     let around = r.read_ext(4, 6 * TIB - 4096, 4096 + a.len() as u64);
     assert_bytes_eq(&around[..4096], &[0u8; 4096], "hole before");
     assert_bytes_eq(&around[4096..], &a, "data after");
@@ -665,6 +744,17 @@ fn hostile_64_bit_lengths() {
     let img = sparse_image(dir.path(), 16 * MIB, &[(0, &data)]);
     let before = read_file(&img);
     let mut srv = Serve::tcp(&img).start();
+    // The same answers from the server and from a proxy in front of it.
+    let mut proxy = Serve::proxy(&srv.conn_args()).start();
+    hostile_requests(&mut srv);
+    hostile_requests(&mut proxy);
+    srv.assert_alive();
+    assert_bytes_eq(&read_file(&img), &before, "image");
+}
+
+/// Requests whose 64-bit ranges overflow or exceed what `srv` serves: an
+/// error chunk each, then a payload length it must not read: a close.
+fn hostile_requests(srv: &mut Server) {
     let (mut r, _, _) = extended(srv.addr());
     let cases: [(u16, u64, u64, u32); 6] = [
         (CMD_WRITE_ZEROES, 4096, u64::MAX, ENOSPC),
@@ -684,6 +774,83 @@ fn hostile_64_bit_lengths() {
     r.ext(CMD_BLOCK_STATUS, CMD_FLAG_PAYLOAD_LEN, 100, 0, TIB);
     assert_eq!(r.failed(100), EINVAL);
     r.expect_closed();
+    // A compact header where extended ones were agreed: the same.
+    let (mut r, _, _) = extended(srv.addr());
+    r.req(CMD_READ, 0, 7, 0, 512);
+    assert_eq!(r.failed(7), EINVAL);
+    r.expect_closed();
     srv.assert_alive();
-    assert_bytes_eq(&read_file(&img), &before, "image");
+}
+
+/// The upstream behind an extended-header proxy is killed and comes back as
+/// nbdkit 1.32, which has no extended headers: the client's connection
+/// stays up; a TRIM over 4 GiB that was waiting for the upstream, and one
+/// sent after, get EINVAL with a message; a block status over all of it
+/// gets what compact headers can carry; reads and writes go on.
+#[test]
+fn the_proxy_outlives_an_upstream_that_comes_back_without_extended_headers() {
+    let nbdkit = require_tool("nbdkit");
+    let size = 8 * GIB;
+    let dir = tempdir();
+    let a = random_bytes(41, 64 * 1024);
+    let img = sparse_image(dir.path(), size, &[(5 * GIB, &a)]);
+    let mut up = Serve::tcp(&img).start();
+    let port = up.port.expect("a TCP port");
+    let mut p = Serve::proxy(&up.conn_args())
+        .args(&["-v", "--retry-delay", "0.2", "--retries", "100"])
+        .start();
+    let (mut r, got, _) = extended(p.addr());
+    assert_eq!(got, size);
+    up.kill();
+    // Sent while there is no upstream: it waits in the proxy.
+    r.ext(CMD_TRIM, 0, 1, 0, 6 * GIB);
+    let mut kit = std::process::Command::new(&nbdkit)
+        .args(["-f", "--exit-with-parent", "-i", "127.0.0.1", "-p"])
+        .arg(port.to_string())
+        .arg("file")
+        .arg(&img)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("start nbdkit");
+    let c = r.chunk();
+    assert_eq!((c.kind, c.cookie, c.done()), (TYPE_ERROR, 1, true), "{c:?}");
+    assert_eq!(c.errno(), EINVAL);
+    let msg = String::from_utf8_lossy(&c.payload[6..]).into_owned();
+    assert!(msg.contains("extended headers"), "{msg}");
+    // Sent on the new upstream connection: the same.
+    r.ext(CMD_WRITE_ZEROES, 0, 2, 0, 5 * GIB);
+    assert_eq!(r.failed(2), EINVAL);
+    // A block status over all 8 GiB: compact extents, as far as they reach.
+    r.ext(CMD_BLOCK_STATUS, 0, 3, 0, size);
+    let c = r.chunk();
+    assert_eq!(
+        (c.kind, c.cookie, c.offset, c.done()),
+        (TYPE_BLOCK_STATUS_EXT, 3, 0, true),
+        "{c:?}"
+    );
+    let n = be32(&c.payload, 4) as usize;
+    let covered: u64 = (0..n).map(|i| be64(&c.payload, 8 + 16 * i)).sum();
+    assert!(
+        covered > 0 && covered < 4 * GIB,
+        "{covered} bytes described"
+    );
+    // Reads and writes beyond 4 GiB go on, data intact.
+    assert_bytes_eq(&r.read_ext(4, 5 * GIB, a.len() as u64), &a, "read");
+    let b = random_bytes(42, 4096);
+    r.ext(CMD_WRITE, CMD_FLAG_PAYLOAD_LEN, 5, 7 * GIB, b.len() as u64);
+    r.send(&b);
+    r.ok(5, 7 * GIB);
+    assert_bytes_eq(&read_file_at(&img, 7 * GIB, b.len()), &b, "written");
+    assert_bytes_eq(&read_file_at(&img, 5 * GIB, a.len()), &a, "not trimmed");
+    r.ext(CMD_DISC, 0, 0, 0, 0);
+    assert!(r.expect_closed().is_empty());
+    assert!(
+        p.log_count("without extended headers") >= 1,
+        "{}",
+        p.stderr()
+    );
+    p.assert_alive();
+    let _ = kit.kill();
+    let _ = kit.wait();
 }

@@ -76,7 +76,7 @@ pub enum Body {
     /// before the next [`Receiver::recv`].
     Piped { len: usize, pipe: Arc<Pipe> },
     /// BLOCK_STATUS descriptors: (length, flags).
-    Extents(Vec<(u32, u32)>),
+    Extents(Vec<(u64, u32)>),
 }
 
 /// The sending half of a pipelined connection.

@@ -30,7 +30,7 @@ pub(crate) enum Sink<'a> {
     /// A BLOCK_STATUS reply: the (length, flags) descriptors of context `id`.
     Extents {
         id: u32,
-        out: &'a mut Vec<(u32, u32)>,
+        out: &'a mut Vec<(u64, u32)>,
     },
 }
 
@@ -202,7 +202,11 @@ impl ReplyState {
                 if be_u32(&p, 0) != *id {
                     return Err(proto("BLOCK_STATUS chunk for a context not selected"));
                 }
-                out.extend(p[4..].chunks_exact(8).map(|d| (be_u32(d, 0), be_u32(d, 4))));
+                out.extend(
+                    p[4..]
+                        .chunks_exact(8)
+                        .map(|d| (u64::from(be_u32(d, 0)), be_u32(d, 4))),
+                );
                 self.delivered = self.len;
             }
             REPLY_TYPE_BLOCK_STATUS_EXT => {
@@ -225,12 +229,12 @@ impl ReplyState {
                         "BLOCK_STATUS_EXT descriptor count differs from its length",
                     ));
                 }
-                // This client asks about 32-bit ranges: longer extents are
-                // cut (to a 4 KiB multiple), and flags are 32-bit.
-                out.extend(p[8..].chunks_exact(16).map(|d| {
-                    let len = be_u64(d, 0).min(u32::MAX as u64 & !0xfff);
-                    (len as u32, be_u64(d, 8) as u32)
-                }));
+                // Flags are 32-bit (those of `base:allocation` are 2 bits).
+                out.extend(
+                    p[8..]
+                        .chunks_exact(16)
+                        .map(|d| (be_u64(d, 0), be_u64(d, 8) as u32)),
+                );
                 self.delivered = self.len;
             }
             REPLY_TYPE_OFFSET_DATA => {

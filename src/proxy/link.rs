@@ -276,10 +276,20 @@ impl Link {
                 return;
             }
         }
-        // The DF flag is honoured here (answers are sent as one chunk).
-        req.flags &= !CMD_FLAG_DF;
+        // The DF flag is honoured here (answers are sent as one chunk); a
+        // WRITE's PAYLOAD_LEN is set again where the upstream framing has it.
+        req.flags &= !(CMD_FLAG_DF | CMD_FLAG_PAYLOAD_LEN);
         let payload = Arc::new(payload);
         let mut sender = self.sender.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = sender.as_ref() {
+            if !fit(&mut req, s.info().extended_headers) {
+                drop(sender);
+                let p = Pending::new(req, payload, tag);
+                self.answer(p, unfit());
+                self.client.flush();
+                return;
+            }
+        }
         {
             let mut st = self.lock();
             req.cookie = st.next;
@@ -625,12 +635,33 @@ impl Link {
             return None;
         }
         let readonly = self.up.read_only_fallback();
+        let extended = tx.info().extended_headers;
+        if extended != self.up.extended() {
+            warn!(
+                "{}: the upstream came back {} extended headers",
+                self.name,
+                if extended { "with" } else { "without" }
+            );
+        }
         let Replay {
             again,
             refused,
+            unfit: cannot,
             resent,
         } = {
             let mut st = self.lock();
+            let keys: Vec<u64> = st
+                .pending
+                .iter_mut()
+                .filter_map(|(k, p)| (!fit(&mut p.req, extended)).then_some(*k))
+                .collect();
+            let mut cannot = Vec::new();
+            for k in keys {
+                if let Some(p) = st.pending.remove(&k) {
+                    st.bytes -= cost(&p.req);
+                    cannot.push(p);
+                }
+            }
             let refused = match readonly {
                 true => {
                     let keys: Vec<u64> = st
@@ -662,9 +693,13 @@ impl Link {
             Replay {
                 again,
                 refused,
+                unfit: cannot,
                 resent,
             }
         };
+        for p in cannot {
+            self.answer(p, unfit());
+        }
         for p in refused {
             self.answer(
                 p,
@@ -700,12 +735,36 @@ impl Link {
 }
 
 /// What a new connection takes over: the requests to send again (in order),
-/// the writes refused under `--retry-readonly`, and how many of those sent
-/// again had gone out before.
+/// the writes refused under `--retry-readonly`, those its framing cannot
+/// carry, and how many of those sent again had gone out before.
 struct Replay {
     again: Vec<(Request, Arc<Vec<u8>>)>,
     refused: Vec<Pending>,
+    unfit: Vec<Pending>,
     resent: usize,
+}
+
+/// Whether `req` can go on an upstream connection with (or without)
+/// extended headers. A BLOCK_STATUS about more than compact headers carry
+/// asks about less (an answer may cover less than was asked); a TRIM,
+/// WRITE_ZEROES or CACHE over 4 GiB cannot go (an upstream that came back without
+/// the extended headers it had).
+fn fit(req: &mut Request, extended: bool) -> bool {
+    if extended || req.length <= u64::from(u32::MAX) {
+        return true;
+    }
+    if req.command == Command::BlockStatus {
+        req.length = u64::from(u32::MAX) & !0xfff;
+        return true;
+    }
+    false
+}
+
+fn unfit() -> Outcome {
+    Outcome::error(
+        NbdErrno::Inval,
+        "a request over 4 GiB needs extended headers, which the upstream no longer offers",
+    )
 }
 
 fn closing() -> Outcome {

@@ -7,8 +7,9 @@
 use super::link::{Answer, Link, Outcome, Pending, Tag};
 use super::upstream::{Upstream, MAX_REQUEST};
 use crate::client::{Body, Pipe};
-use crate::proto::reply::{block_status_chunk, error_chunk, none_chunk, offset_data_header};
-use crate::proto::{Command, NbdErrno, Request, SimpleReply};
+use crate::proto::consts::CMD_FLAG_PAYLOAD_LEN;
+use crate::proto::reply::{Framing, Replies};
+use crate::proto::{Command, NbdErrno, ProtoError, Request, SimpleReply};
 use crate::server::handshake::{Negotiated, BASE_ALLOCATION_ID};
 use crate::server::reader::{ReadError, Reader};
 use crate::server::validate::{validate, Op};
@@ -23,6 +24,9 @@ use std::sync::{Arc, Mutex};
 const COALESCE: usize = 256 * 1024;
 /// Gathered answers are sent once they reach this size.
 const OUT_CAP: usize = 1 << 20;
+/// The payload of a refused request is read and dropped up to this size
+/// (any compact header's); a longer one closes the connection.
+const MAX_DRAIN: u64 = u32::MAX as u64;
 
 /// Data fetched ahead by `--cache`: valid while no write was sent since.
 struct ReadAhead {
@@ -36,7 +40,8 @@ struct Replier {
     conn: Stream,
     writer: Mutex<()>,
     send: SendLimit,
-    structured: bool,
+    /// How the client's replies are framed (simple, structured, extended).
+    framing: Framing,
     name: String,
     gone: AtomicBool,
     up: Arc<Upstream>,
@@ -89,25 +94,52 @@ impl Replier {
         }
     }
 
-    /// Answers a request with an error, as a structured error chunk where
-    /// the client must get one (READ, BLOCK_STATUS) or the message helps.
+    /// The replies to `req`, framed as the client agreed.
+    fn replies(&self, req: &Request) -> Replies {
+        Replies::new(self.framing, req.cookie, req.offset)
+    }
+
+    /// Answers a request with an error: a structured error chunk, with the
+    /// message, where structured replies were agreed.
     fn error(&self, req: &Request, errno: NbdErrno, msg: &str) {
-        if self.structured {
-            self.send(&[&error_chunk(req.cookie, errno, msg)]);
-        } else {
-            self.send(&[&SimpleReply::err(req.cookie, errno).encode()]);
+        self.send(&[&self.replies(req).error(errno, msg)]);
+    }
+
+    /// Answers a header that could not be parsed (the connection closes next).
+    fn malformed(&self, cookie: u64) {
+        let r = Replies::new(self.framing, cookie, 0);
+        self.send(&[&r.error(NbdErrno::Inval, "malformed request")]);
+    }
+
+    /// Success without data: a simple reply unless extended headers, which
+    /// have none, were agreed.
+    fn done(&self, req: &Request) {
+        match self.framing {
+            Framing::Extended => self.send(&[&self.replies(req).ok()]),
+            _ => self.send(&[&SimpleReply::ok(req.cookie).encode()]),
         }
     }
 
     fn data(&self, req: &Request, data: &[u8]) {
-        if !self.structured {
-            self.send(&[&SimpleReply::ok(req.cookie).encode(), data]);
-        } else if data.is_empty() {
-            self.send(&[&none_chunk(req.cookie)]);
+        let r = self.replies(req);
+        if self.framing.structured() && data.is_empty() {
+            self.send(&[&r.ok()]);
         } else {
-            let h = offset_data_header(req.cookie, req.offset, data.len() as u32, true);
-            self.send(&[&h, data]);
+            self.send(&[&r.data(req.offset, data.len() as u32, true), data]);
         }
+    }
+
+    /// The `base:allocation` extents the upstream gave, in the client's
+    /// framing (compact headers carry 32-bit lengths: a longer extent is
+    /// cut to a 4 KiB multiple, which a client must accept).
+    fn extents(&self, req: &Request, mut e: Vec<(u64, u32)>) {
+        if self.framing != Framing::Extended {
+            const MAX: u64 = u32::MAX as u64 & !0xfff;
+            for x in e.iter_mut() {
+                x.0 = x.0.min(MAX);
+            }
+        }
+        self.send(&[&self.replies(req).block_status(BASE_ALLOCATION_ID, &e, true)]);
     }
 
     /// A READ's data passed on from the pipe it waits in: the answers
@@ -118,12 +150,7 @@ impl Replier {
             pipe.discard();
             return;
         }
-        match self.structured {
-            true => out.extend_from_slice(&offset_data_header(
-                req.cookie, req.offset, len as u32, true,
-            )),
-            false => out.extend_from_slice(&SimpleReply::ok(req.cookie).encode()),
-        }
+        out.extend_from_slice(&self.replies(req).data(req.offset, len as u32, true));
         let _g = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let deadline = self.send.deadline();
         let Some(fd) = self.conn.plain_fd() else {
@@ -248,19 +275,12 @@ impl Answer for Replier {
                 self.data(&req, &d);
                 return Some(d);
             }
-            Outcome::Done(Body::Extents(e)) => {
-                self.send(&[&block_status_chunk(
-                    req.cookie,
-                    BASE_ALLOCATION_ID,
-                    &e,
-                    true,
-                )]);
-            }
+            Outcome::Done(Body::Extents(e)) => self.extents(&req, e),
             Outcome::Done(Body::Empty) => {
                 if req.command == Command::Read {
                     self.data(&req, &[]);
                 } else {
-                    self.send(&[&SimpleReply::ok(req.cookie).encode()]);
+                    self.done(&req);
                 }
             }
         }
@@ -280,7 +300,7 @@ pub fn run(up: Arc<Upstream>, conn: Stream, neg: Negotiated, client: Client<'_>)
         conn: wconn,
         writer: Mutex::new(()),
         send: client.send,
-        structured: neg.structured(),
+        framing: neg.framing,
         name: name.clone(),
         gone: AtomicBool::new(false),
         up: up.clone(),
@@ -296,6 +316,7 @@ pub fn run(up: Arc<Upstream>, conn: Stream, neg: Negotiated, client: Client<'_>)
         }
     };
     let mut rd = Reader::new(rconn);
+    rd.set_extended(neg.extended());
     let end = serve(&up, &link, &replier, &mut rd, &neg);
     link.close(end == End::Disconnect);
     conn.shutdown(Shutdown::Both);
@@ -315,14 +336,38 @@ fn serve(up: &Upstream, link: &Link, replier: &Replier, rd: &mut Reader, neg: &N
             Err(ReadError::Eof) => return End::Closed,
             Err(e) => {
                 if let (ReadError::Proto(_), Some(cookie)) = (&e, rd.raw_cookie()) {
-                    replier.send(&[&SimpleReply::err(cookie, NbdErrno::Inval).encode()]);
+                    replier.malformed(cookie);
                 }
                 warn!("{}: {e}; closing the connection", replier.name);
                 return End::Error(e.to_string());
             }
         };
-        rd.consume_header();
-        let op = validate(&req, neg, up.size(), read_only);
+        // A payload still to read after the header (a refused request's is
+        // skipped); a BLOCK_STATUS naming its contexts is read here and goes
+        // on as the plain range it names.
+        let mut payload_left = req.payload_len(neg.extended());
+        let (req, op) = match neg.extended()
+            && req.command == Command::BlockStatus
+            && req.flags & CMD_FLAG_PAYLOAD_LEN != 0
+        {
+            true => {
+                payload_left = 0;
+                match rd.block_status_with_payload(&req) {
+                    Ok(Ok(r)) => (r, validate(&r, neg, up.size(), read_only)),
+                    Ok(Err(refusal)) => (req, Err(refusal)),
+                    Err(e) => {
+                        if matches!(e, ReadError::Proto(_)) {
+                            replier.malformed(req.cookie);
+                        }
+                        return read_end(e, replier);
+                    }
+                }
+            }
+            false => {
+                rd.consume_header();
+                (req, validate(&req, neg, up.size(), read_only))
+            }
+        };
         let too_big = matches!(req.command, Command::Read | Command::Write)
             && req.length > u64::from(MAX_REQUEST);
         let refusal = match op {
@@ -334,8 +379,19 @@ fn serve(up: &Upstream, link: &Link, replier: &Replier, rd: &mut Reader, neg: &N
             Ok(_) => None,
         };
         if let Some((errno, msg)) = refusal {
-            if req.payload_len(false) > 0 {
-                if let Err(e) = rd.skip(req.payload_len(false)) {
+            if payload_left > MAX_DRAIN {
+                // A 64-bit payload length: far too much to read and drop
+                // (a 32-bit one is drained): answer, then close.
+                replier.error(&req, errno, msg);
+                let e = ProtoError::TooLong {
+                    what: "request payload",
+                    len: payload_left,
+                    max: MAX_DRAIN,
+                };
+                return read_end(ReadError::Proto(e), replier);
+            }
+            if payload_left > 0 {
+                if let Err(e) = rd.skip(payload_left) {
                     return read_end(e, replier);
                 }
             }

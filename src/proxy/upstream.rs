@@ -131,6 +131,11 @@ impl Upstream {
         self.info.read_only()
     }
 
+    /// The upstream agreed to extended headers (64-bit lengths).
+    pub fn extended(&self) -> bool {
+        self.info.extended_headers
+    }
+
     /// The upstream greeted old-style.
     pub fn oldstyle(&self) -> bool {
         self.info.oldstyle
@@ -274,8 +279,8 @@ fn connect(
         export_name: set.export_name.clone(),
         structured_replies: true,
         base_allocation: true,
-        // Clients' requests are forwarded as they came: compact headers.
-        extended_headers: false,
+        // 64-bit lengths, passed on to clients that agree to them too.
+        extended_headers: true,
         request_timeout: Some(set.timeout),
         migration: false,
         cancel,
@@ -305,8 +310,8 @@ impl Backend for Upstream {
             min_block: self.info.block_size.map_or(1, |b| b.minimum.max(1)),
             caps,
             structured: self.info.structured_replies,
-            // Requests go upstream with compact headers: 32-bit lengths.
-            extended: false,
+            // 64-bit lengths for clients only when the upstream takes them.
+            extended: self.info.extended_headers,
             block_status: self.info.base_allocation.is_some(),
         }
     }

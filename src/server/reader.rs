@@ -1,5 +1,6 @@
 //! Buffered reading of requests and payloads from a client connection.
 
+use super::validate::{block_status_payload, Refusal, MAX_BLOCK_STATUS_PAYLOAD};
 use crate::proto::consts::{EXTENDED_REQUEST_LEN, REQUEST_LEN};
 use crate::proto::{ProtoError, Request};
 use crate::stream::Stream;
@@ -173,6 +174,28 @@ impl Reader {
             }
         }
         Ok(())
+    }
+
+    /// A BLOCK_STATUS that carries a payload (`PAYLOAD_LEN`, extended
+    /// headers), whose header the last `peek` returned: consumes the header
+    /// and the payload and gives the request as the plain range it names,
+    /// or why it is refused. A payload too long to be one is a protocol
+    /// error (nothing after it can be trusted).
+    pub fn block_status_with_payload(
+        &mut self,
+        req: &Request,
+    ) -> Result<Result<Request, Refusal>, ReadError> {
+        if req.length > MAX_BLOCK_STATUS_PAYLOAD {
+            return Err(ReadError::Proto(ProtoError::TooLong {
+                what: "BLOCK_STATUS payload",
+                len: req.length,
+                max: MAX_BLOCK_STATUS_PAYLOAD,
+            }));
+        }
+        self.consume_header();
+        let mut p = vec![0u8; req.length as usize];
+        self.read_exact(&mut p)?;
+        Ok(block_status_payload(req, &p))
     }
 
     /// Reads and drops `n` bytes (the payload of a refused write).

@@ -8,9 +8,7 @@ use super::handshake::Negotiated;
 use super::intake::SenderTrack;
 use super::out::{Out, OUT_CAP};
 use super::reader::{ReadError, Reader};
-use super::validate::{
-    block_status_payload, validate, Op, Refusal, MAX_BLOCK_STATUS_PAYLOAD, MAX_REQUEST,
-};
+use super::validate::{validate, Op, Refusal, MAX_REQUEST};
 use crate::export::Export;
 use crate::proto::consts::CMD_FLAG_PAYLOAD_LEN;
 use crate::proto::{Command, ProtoError, Request};
@@ -399,22 +397,17 @@ impl Session {
                 // BLOCK_STATUS naming its contexts: the payload is read
                 // here and the request goes on as the range it names.
                 true if req.command == Command::BlockStatus => {
-                    if req.length > MAX_BLOCK_STATUS_PAYLOAD {
-                        let _ = self.bad_request_reply(w, req.cookie);
-                        self.read_failed(ReadError::Proto(ProtoError::TooLong {
-                            what: "BLOCK_STATUS payload",
-                            len: req.length,
-                            max: MAX_BLOCK_STATUS_PAYLOAD,
-                        }));
-                        break;
-                    }
-                    rd.consume_header();
-                    let mut p = vec![0u8; req.length as usize];
-                    if let Err(e) = rd.read_exact(&mut p) {
-                        self.read_failed(e);
-                        break;
-                    }
-                    let op = block_status_payload(&req, &p).and_then(|r| {
+                    let named = match rd.block_status_with_payload(&req) {
+                        Ok(r) => r,
+                        Err(e) => {
+                            if matches!(e, ReadError::Proto(_)) {
+                                let _ = self.bad_request_reply(w, req.cookie);
+                            }
+                            self.read_failed(e);
+                            break;
+                        }
+                    };
+                    let op = named.and_then(|r| {
                         validate(&r, &self.neg, self.export.size(), self.export.read_only())
                             .map(|op| (r, op))
                     });
