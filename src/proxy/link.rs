@@ -456,6 +456,7 @@ impl Link {
                 // Answers go out together while more replies are at hand.
                 if !rx.reply_buffered() {
                     self.client.flush();
+                    std::thread::yield_now();
                 }
                 continue;
             }

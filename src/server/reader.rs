@@ -129,12 +129,20 @@ impl Reader {
     /// The next request header without consuming it. With `wait`, blocks until
     /// one arrives; without, returns `None` unless a whole header is buffered.
     pub fn peek(&mut self, wait: bool) -> Result<Option<Request>, ReadError> {
+        let mut yielded = false;
         loop {
             if let Some((req, _)) = Request::decode(self.buffered(), self.extended)? {
                 return Ok(Some(req));
             }
             if !wait {
                 return Ok(None);
+            }
+            if !yielded {
+                // Before sleeping in recv, let the client (or whoever shares
+                // this CPU) run: its next requests are then often there
+                // already, and a sleep and a wake-up are saved.
+                std::thread::yield_now();
+                yielded = true;
             }
             self.fill()?;
         }
