@@ -146,6 +146,26 @@ struct State {
     waiters: usize,
 }
 
+impl State {
+    /// Takes out the pending requests for which `pick` holds (it may adjust
+    /// each request it looks at), in the order they were first sent.
+    fn take_where(&mut self, mut pick: impl FnMut(&mut Pending) -> bool) -> Vec<Pending> {
+        let keys: Vec<u64> = self
+            .pending
+            .iter_mut()
+            .filter_map(|(k, p)| pick(p).then_some(*k))
+            .collect();
+        let mut taken = Vec::with_capacity(keys.len());
+        for k in keys {
+            if let Some(p) = self.pending.remove(&k) {
+                self.bytes -= cost(&p.req);
+                taken.push(p);
+            }
+        }
+        taken
+    }
+}
+
 /// One upstream connection for one client connection.
 pub struct Link {
     pub id: u64,
@@ -651,35 +671,9 @@ impl Link {
             resent,
         } = {
             let mut st = self.lock();
-            let keys: Vec<u64> = st
-                .pending
-                .iter_mut()
-                .filter_map(|(k, p)| (!fit(&mut p.req, extended)).then_some(*k))
-                .collect();
-            let mut cannot = Vec::new();
-            for k in keys {
-                if let Some(p) = st.pending.remove(&k) {
-                    st.bytes -= cost(&p.req);
-                    cannot.push(p);
-                }
-            }
+            let cannot = st.take_where(|p| !fit(&mut p.req, extended));
             let refused = match readonly {
-                true => {
-                    let keys: Vec<u64> = st
-                        .pending
-                        .iter()
-                        .filter(|(_, p)| modifies(p.req.command))
-                        .map(|(k, _)| *k)
-                        .collect();
-                    let mut v = Vec::new();
-                    for k in keys {
-                        if let Some(p) = st.pending.remove(&k) {
-                            st.bytes -= cost(&p.req);
-                            v.push(p);
-                        }
-                    }
-                    v
-                }
+                true => st.take_where(|p| modifies(p.req.command)),
                 false => Vec::new(),
             };
             let resent = st.pending.values().filter(|p| p.sent).count();
